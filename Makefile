@@ -9,7 +9,6 @@ STAMP := $(VENV)/.cpr-deps
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
 	touch $(STAMP)

@@ -1,0 +1,27 @@
+"""Checkpoint-interval planning for full and partial recovery from a cluster's failure profile."""
+from .plan import (
+    IntervalPlan,
+    OverheadBreakdown,
+    PlanResult,
+    expected_pls,
+    full_recovery_overhead,
+    partial_interval,
+    partial_recovery_overhead,
+    plan,
+    young_daly_interval,
+)
+from .profile import FAILURE_DISTRIBUTIONS, ClusterProfile
+
+__all__ = [
+    "FAILURE_DISTRIBUTIONS",
+    "ClusterProfile",
+    "IntervalPlan",
+    "OverheadBreakdown",
+    "PlanResult",
+    "expected_pls",
+    "full_recovery_overhead",
+    "partial_interval",
+    "partial_recovery_overhead",
+    "plan",
+    "young_daly_interval",
+]

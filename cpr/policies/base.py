@@ -1,0 +1,75 @@
+"""The policy interface: a policy decides *what* to save at a step and *how* a failure is recovered.
+
+Policies never touch tensors or files. `CPRCheckpointer` asks `decide(step)` after every training step and
+turns a `SavePlan` into a storage write; on a failure it reads `recovery` to choose between rolling the
+whole job back (`"full"`) and reloading only the failed shards' rows (`"partial"`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+import torch
+
+SaveKind = Literal["full", "subset"]
+RecoveryKind = Literal["none", "full", "partial"]
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """One save: every row of every table (`full`), or for `subset` the local row ids per table."""
+
+    kind: SaveKind
+    rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "full" and self.rows:
+            raise ValueError("a full save takes every row; rows are only for subset saves")
+
+
+class CheckpointPolicy(ABC):
+    """Decides when to save and what; says which recovery a failure gets."""
+
+    name: ClassVar[str]
+    recovery: ClassVar[RecoveryKind]
+
+    @abstractmethod
+    def decide(self, step: int) -> SavePlan | None:
+        """The save to make now that `step` training steps are done, or None."""
+
+    def settings(self) -> dict[str, Any]:
+        """The policy's chosen settings, for reports."""
+        return {}
+
+    def memory_bytes(self) -> int:
+        """Memory the policy keeps to decide (e.g. access counters), beyond the model."""
+        return 0
+
+    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+        """Expected portion of lost row-updates after `failures` failures at uniformly random steps of a
+        `total_steps` run, each taking one of `num_shards` shards back to its newest saved rows."""
+        return 0.0
+
+
+class PeriodicFullPolicy(CheckpointPolicy):
+    """A full save every `interval_steps` steps (and none when it is 0)."""
+
+    def __init__(self, interval_steps: int) -> None:
+        if interval_steps < 0:
+            raise ValueError(f"interval_steps must be >= 0, got {interval_steps}")
+        self.interval_steps = interval_steps
+
+    def decide(self, step: int) -> SavePlan | None:
+        if self.interval_steps and step > 0 and step % self.interval_steps == 0:
+            return SavePlan("full", reason=f"every {self.interval_steps} steps")
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        return {"interval_steps": self.interval_steps}
+
+    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+        # A failure at a uniformly random step loses on average half an interval of its shard's updates,
+        # and a shard takes 1/num_shards of them: T / (2 * N * MTBF) with MTBF = total_steps / failures.
+        return failures * self.interval_steps / (2 * num_shards * total_steps)

@@ -1,0 +1,147 @@
+"""Live views of a model's embedding tables and their row-wise optimizer state.
+
+CPR saves and restores embedding rows in place, so it needs the tensors that training really updates:
+for a `DistributedModelParallel` model these are the local shards of the fused tables (fbgemm keeps
+weights and optimizer state in its own buffers; the `ShardedTensor`s of `state_dict()` are views of
+them), for a plain module the `EmbeddingBagCollection` parameters and the state its optimizer keeps
+for them. Nothing here copies a table.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+_WEIGHT_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One embedding table as this process holds it.
+
+    `row_offset`/`local_rows` place the local rows inside the global table: a rank that owns a row-wise
+    shard holds rows [row_offset, row_offset + local_rows). Row ids used everywhere in CPR are local.
+    """
+
+    name: str
+    rows: int
+    dim: int
+    row_offset: int
+    local_rows: int
+    features: tuple[str, ...]
+    state_key: str
+
+
+def _local_tensor(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The local rows of a (possibly sharded) tensor and their offset in the global table."""
+    if isinstance(value, ShardedTensor):
+        shards = value.local_shards()
+        if len(shards) != 1:
+            raise NotImplementedError(f"CPR needs exactly one local shard per table, found {len(shards)}")
+        offsets = shards[0].metadata.shard_offsets
+        row_offset = offsets[0]
+        if value.dim() > 1 and (offsets[1] != 0 or shards[0].tensor.shape[-1] != value.size(-1)):
+            raise NotImplementedError("column-wise sharded tables are not supported by CPR: a shard must own whole rows")
+        return shards[0].tensor, int(row_offset)
+    return value, 0
+
+
+def _feature_map(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Table name -> feature names, from every (sharded or plain) EmbeddingBagCollection in the model."""
+    features: dict[str, tuple[str, ...]] = {}
+    for module in model.modules():
+        configs = getattr(module, "_embedding_bag_configs", None)
+        if configs is None and hasattr(module, "embedding_bag_configs"):
+            configs = module.embedding_bag_configs()
+        for config in configs or ():
+            features[config.name] = tuple(config.feature_names)
+    return features
+
+
+class EmbeddingTables:
+    """The embedding tables of a model, with live weight and row-wise optimizer-state views.
+
+    Works with a DMP-wrapped model (fused kernel, in-backward optimizer) and with a plain module whose
+    `EmbeddingBagCollection` parameters are stepped by `optimizer`.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        feature_map = _feature_map(model)
+        tables: dict[str, TableInfo] = {}
+        self._weights: dict[str, torch.Tensor] = {}
+        for key, value in model.state_dict().items():
+            match = _WEIGHT_KEY.search(key)
+            if match is None:
+                continue
+            name = match.group(1)
+            local, row_offset = _local_tensor(value)
+            rows = value.size(0)
+            tables[name] = TableInfo(
+                name=name,
+                rows=int(rows),
+                dim=int(value.size(1)),
+                row_offset=row_offset,
+                local_rows=int(local.shape[0]),
+                features=feature_map.get(name, ()),
+                state_key=key,
+            )
+            # The views stay valid for the model's life: fbgemm and nn.Parameter update in place.
+            self._weights[name] = local
+        if not tables:
+            raise ValueError("the model holds no EmbeddingBagCollection tables for CPR to checkpoint")
+        self.tables: dict[str, TableInfo] = tables
+
+    @property
+    def feature_to_table(self) -> dict[str, str]:
+        return {feature: info.name for info in self.tables.values() for feature in info.features}
+
+    def is_embedding_key(self, state_key: str) -> bool:
+        """Whether a `model.state_dict()` key is one of the tables (saved row-wise, not as dense state)."""
+        return _WEIGHT_KEY.search(state_key) is not None
+
+    def weight(self, table: str) -> torch.Tensor:
+        """The local rows of `table`, as the tensor training updates."""
+        return self._weights[table]
+
+    def row_states(self, table: str) -> dict[str, torch.Tensor]:
+        """Optimizer state indexed by the table's local rows (e.g. row-wise Adagrad's `momentum1`).
+
+        Fused (DMP) tables report fbgemm's state; plain parameters report whatever tensors their optimizer
+        keeps with a leading dimension equal to the local row count. State that is not per row (a step
+        counter) belongs to the dense snapshot instead.
+        """
+        info = self.tables[table]
+        fused = getattr(self._model, "fused_optimizer", None)
+        if fused is not None:
+            state = fused.state_dict()["state"].get(info.state_key, {})
+            prefix = f"{table}."
+            return {
+                name[len(prefix):] if name.startswith(prefix) else name: _local_tensor(value)[0]
+                for name, value in state.items()
+                if isinstance(value, torch.Tensor)
+            }
+        if self._optimizer is None:
+            return {}
+        param = dict(self._model.named_parameters())[info.state_key]
+        return {
+            name: value
+            for name, value in self._optimizer.state.get(param, {}).items()
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == info.local_rows
+        }
+
+    def row_state_ids(self) -> set[int]:
+        """`id()`s of every row-wise state tensor, so dense snapshots can leave them out."""
+        return {id(t) for name in self.tables for t in self.row_states(name).values()}
+
+    def nbytes(self) -> int:
+        """Bytes of all local rows and their row-wise optimizer state."""
+        total = 0
+        for name in self.tables:
+            total += self.weight(name).nbytes
+            total += sum(t.nbytes for t in self.row_states(name).values())
+        return total

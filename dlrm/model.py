@@ -1,0 +1,149 @@
+"""TorchRec DLRM configurations and their placement through `DistributedModelParallel`.
+
+Placement is Zion-like: embedding tables live in host memory (the fused CPU kernel, or fbgemm's UVM kernel
+on a CUDA machine, which keeps the rows in host memory and reads them from the GPU) while the MLPs run on
+the accelerator when there is one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingType
+from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT as NUM_DENSE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Layer sizes of a DLRM; the bottom MLP ends at the embedding dimension, as DLRM requires."""
+
+    name: str
+    embedding_dim: int
+    bottom_mlp: tuple[int, ...]
+    top_mlp: tuple[int, ...]
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    # The DLRM reference configuration for Criteo Kaggle.
+    "kaggle": ModelConfig("kaggle", 16, (512, 256, 64, 16), (512, 256, 1)),
+    # Small enough for tests to train in seconds on two cores.
+    "small": ModelConfig("small", 8, (32, 8), (32, 1)),
+}
+
+# Names accepted by `--embedding-optimizer`, mapped to fbgemm's fused (in-backward) optimizers.
+EMBEDDING_OPTIMIZERS: dict[str, EmbOptimType] = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+}
+
+
+def table_name(feature: str) -> str:
+    """One table per categorical feature, named after it."""
+    return f"t_{feature}"
+
+
+def build_model(
+    config: ModelConfig,
+    table_rows: Sequence[int],
+    feature_names: Sequence[str] = DEFAULT_CAT_NAMES,
+    device: torch.device | str = "meta",
+) -> DLRMTrain:
+    """A `DLRMTrain` (DLRM plus BCE loss) with one embedding table per categorical feature.
+
+    Tables are created on the meta device by default so that `DistributedModelParallel` materialises
+    them directly in their sharded, fused form.
+    """
+    if len(table_rows) != len(feature_names):
+        raise ValueError(f"{len(table_rows)} table sizes given for {len(feature_names)} features")
+    tables = [
+        EmbeddingBagConfig(
+            name=table_name(feature),
+            embedding_dim=config.embedding_dim,
+            num_embeddings=int(rows),
+            feature_names=[feature],
+        )
+        for feature, rows in zip(feature_names, table_rows)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device))
+    dlrm = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=NUM_DENSE,
+        dense_arch_layer_sizes=list(config.bottom_mlp),
+        over_arch_layer_sizes=list(config.top_mlp),
+        dense_device=torch.device("cpu") if str(device) == "meta" else torch.device(device),
+    )
+    return DLRMTrain(dlrm)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Join the process group of a launcher (torchrun sets RANK etc.) or start a one-process group."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+
+
+def wrap_dmp(
+    model: DLRMTrain,
+    device: torch.device,
+    embedding_optimizer: str = "rowwise_adagrad",
+    embedding_lr: float = 0.01,
+) -> DistributedModelParallel:
+    """Shard the model's tables table-wise with fbgemm's fused kernel and in-backward optimizer.
+
+    On a CUDA machine the tables use the UVM kernel: rows stay in host memory (Zion-like), MLPs go to
+    the GPU. The process group must already exist (`ensure_process_group`).
+    """
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"unknown embedding optimizer {embedding_optimizer!r}; choose from {sorted(EMBEDDING_OPTIMIZERS)}")
+    fused_params = {"optimizer": EMBEDDING_OPTIMIZERS[embedding_optimizer], "learning_rate": embedding_lr, "eps": 1e-8}
+    sharder = EmbeddingBagCollectionSharder(fused_params=fused_params)
+    kernel = EmbeddingComputeKernel.FUSED_UVM if device.type == "cuda" else EmbeddingComputeKernel.FUSED
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    constraints = {
+        cfg.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[kernel.value])
+        for cfg in ebc.embedding_bag_configs()
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=dist.get_world_size(), compute_device=device.type),
+        constraints=constraints,
+    )
+    plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
+
+
+def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
+    """The fused embedding optimizer (it steps inside backward) combined with Adagrad for dense layers."""
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adagrad(params, lr=dense_lr))
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
