@@ -23,7 +23,7 @@ from cpr import dense
 from cpr.accounting import FailureEvent, RunLedger
 from cpr.planning import ClusterProfile, PlanResult, plan
 from cpr.policies import make_policy
-from cpr.policies.base import CheckpointPolicy, SavePlan
+from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.shards import ShardLayout
 from cpr.storage import CheckpointStore, TableMeta, restore_rows
 from cpr.tables import EmbeddingTables
@@ -109,19 +109,19 @@ class CPRCheckpointer:
             feature_to_table=self.tables.feature_to_table,
             mode="mfu",
         )
-        self.policy = (
-            policy
-            if isinstance(policy, CheckpointPolicy)
-            else make_policy(
-                policy,
-                plan=self.plan,
-                hours_per_step=self.hours_per_step,
-                interval_steps=interval_steps,
-                tracker=self.tracker,
-                layout=self.layout,
-                options=policy_options or {},
-            )
+        context = PolicyContext(
+            profile=self.profile,
+            plan=self.plan,
+            target_pls=target_pls,
+            total_steps=total_steps,
+            hours_per_step=self.hours_per_step,
+            interval_steps=interval_steps,
+            tracker=self.tracker,
+            layout=self.layout,
+            tables=self.tables,
+            options=dict(policy_options or {}),
         )
+        self.policy = policy if isinstance(policy, CheckpointPolicy) else make_policy(policy, context)
         self.store = CheckpointStore(directory, keep_last=keep_last)
         full_bytes = self.tables.nbytes() + sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
         self.ledger = RunLedger(
@@ -146,6 +146,7 @@ class CPRCheckpointer:
         """Record the embedding rows a batch looks up (call once per batch, before or after its step)."""
         kjt = batch.sparse_features if isinstance(batch, Batch) else batch
         self.tracker.observe(kjt)
+        self.policy.observe(kjt)
         self.ledger.record_updates(int(kjt.values().numel()))
 
     def step(self) -> SavePlan | None:
@@ -199,6 +200,7 @@ class CPRCheckpointer:
         else:
             for table, ids in decision.rows.items():
                 self.tracker.mark_saved(table, rows=ids)
+        self.policy.after_save(decision)
         self.ledger.record_save(self.global_step, decision.kind, record.nbytes, time.perf_counter() - start)
 
     # -- recovery ---------------------------------------------------------------------------------------

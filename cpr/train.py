@@ -68,7 +68,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--mtbf-hours", type=float, help="override the profile's per-node MTBF (hours)")
     cpr.add_argument("--job-hours", type=float, help="override the emulated job length (hours)")
     cpr.add_argument("--failures", type=int, help="inject exactly N failures (default: drawn from the profile)")
-    cpr.add_argument("--interval-steps", type=int, help="override the planned save interval (steps)")
+    cpr.add_argument("--interval-steps", type=int, help="override the planned (full) save interval (steps)")
+    cpr.add_argument("--subset-interval-steps", type=int, help="mfu/ssu/scar: override the planned subset-save interval (steps)")
+    cpr.add_argument("--save-fraction", type=float, help="mfu/scar: override the planned fraction r of each shard's rows per subset save")
+    cpr.add_argument("--sample-rate", type=float, help="ssu: override the planned probability of sampling an access")
     cpr.add_argument("--keep-last", type=int, default=3, help="full checkpoints kept on disk")
     cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
     return p.parse_args(argv)
@@ -102,6 +105,10 @@ def validate(args: argparse.Namespace) -> None:
         (args.failures is None or args.failures >= 0, f"--failures must be >= 0, got {args.failures}"),
         (args.interval_steps is None or args.interval_steps >= 1, f"--interval-steps must be >= 1, got {args.interval_steps}"),
         (args.keep_last >= 1, f"--keep-last must be >= 1, got {args.keep_last}"),
+        (args.subset_interval_steps is None or args.subset_interval_steps >= 1,
+         f"--subset-interval-steps must be >= 1, got {args.subset_interval_steps}"),
+        (args.save_fraction is None or 0 < args.save_fraction <= 1, f"--save-fraction must be in (0, 1], got {args.save_fraction}"),
+        (args.sample_rate is None or 0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}"),
         (args.policy != "none" or not args.failures, "--failures needs a checkpointing policy (--policy full|partial|...): policy 'none' cannot recover"),
     ]
     for ok, message in checks:
@@ -119,6 +126,12 @@ def validate(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"--out {out}: not writable ({err.strerror or err})") from None
+
+
+def policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The prioritized policies' overrides that were given (the planner chooses the others)."""
+    given = {"subset_interval_steps": args.subset_interval_steps, "fraction": args.save_fraction, "sample_rate": args.sample_rate}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _endless(loader: BatchLoader) -> Iterator:
@@ -179,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reader=train_loader,
         interval_steps=args.interval_steps,
         keep_last=args.keep_last,
+        policy_options=policy_options(args),
     )
     if args.policy == "none" or args.failures == 0:
         schedule = FailureSchedule.empty()

@@ -7,7 +7,6 @@ the accelerator when there is one.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,23 +93,16 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ensure_process_group(device: torch.device) -> None:
-    """Join the process group of a launcher (torchrun sets RANK etc.) or start a one-process group."""
+    """Join the process group of a launcher (torchrun sets WORLD_SIZE, RANK, MASTER_ADDR/PORT) or, without
+    one, start a one-process group on an in-memory store (no port to collide with other runs)."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def wrap_dmp(

@@ -37,7 +37,8 @@ def test_same_seed_same_auc(baseline, tmp_path):
 
 
 def test_full_recovery_matches_the_run_without_failures(baseline, tmp_path):
-    summary = _run(tmp_path, "full", "--epochs", "1", "--policy", "full", "--failures", "3", "--num-shards", "4")
+    summary = _run(tmp_path, "full", "--epochs", "1", "--policy", "full", "--failures", "3", "--num-shards", "4",
+                   "--interval-steps", "10")
     assert len(summary["failures"]) == 3
     assert summary["steps_executed"] > summary["steps"]  # lost steps were trained again
     assert summary["overhead"]["lost_compute"] > 0

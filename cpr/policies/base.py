@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+if TYPE_CHECKING:
+    from cpr.planning import ClusterProfile, PlanResult
+    from cpr.shards import ShardLayout
+    from cpr.tables import EmbeddingTables
+    from cpr.tracking import AccessTracker
 
 SaveKind = Literal["full", "subset"]
 RecoveryKind = Literal["none", "full", "partial"]
@@ -29,11 +36,42 @@ class SavePlan:
             raise ValueError("a full save takes every row; rows are only for subset saves")
 
 
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may consult to decide: the run's plan and shape, and the shared access counts.
+
+    `tracker` is the checkpointer's MFU-mode tracker: per-row accesses since each row's last save (reset
+    by the checkpointer after every save and recovery). Policies read it, never reset it.
+    """
+
+    profile: "ClusterProfile"
+    plan: "PlanResult"
+    target_pls: float
+    total_steps: int
+    hours_per_step: float
+    interval_steps: int | None
+    tracker: "AccessTracker"
+    layout: "ShardLayout"
+    tables: "EmbeddingTables"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def steps(self, hours: float) -> int:
+        """An interval in emulated hours as a whole number of steps (at least one)."""
+        return max(1, round(hours / self.hours_per_step))
+
+
 class CheckpointPolicy(ABC):
     """Decides when to save and what; says which recovery a failure gets."""
 
     name: ClassVar[str]
     recovery: ClassVar[RecoveryKind]
+
+    def observe(self, kjt: KeyedJaggedTensor) -> None:
+        """See a batch's lookups (after the shared tracker has counted them); for policies with state
+        of their own, such as SSU's sampled ids."""
+
+    def after_save(self, plan: SavePlan) -> None:
+        """Told after every save the checkpointer made for this policy."""
 
     @abstractmethod
     def decide(self, step: int) -> SavePlan | None:

@@ -1,0 +1,351 @@
+// Access tracking for CPR's partial checkpoints: schemas of the `cpr` ops and their CPU kernels.
+//
+// State per table (allocated by cpr/tracking/tracker.py):
+//  * counts  int32[rows]           CPR-MFU access counters.
+//  * dirty   int64[ceil(rows/64)]  1 bit per row, "updated since the row was last saved".
+//  * slots   int64[S], stats int64[2]  CPR-SSU: open-addressing set of sampled ids, S a power of two
+//                                   > capacity, plus (size, overflow); memory independent of rows.
+//
+// Why int32 counters that saturate: MFU only needs to rank rows, and a row's counter is reset whenever the
+// row is saved, so it would need 2^31 accesses between two saves of that row to saturate; a saturated row
+// simply ties with the other hottest rows, which are saved first anyway. That keeps MFU at 4 bytes/row
+// (plus 1/8 byte/row of dirty bits) instead of 8 with int64.
+//
+// Batches are given as a KeyedJaggedTensor's values, its per-feature value offsets (offset_per_key(),
+// length F + 1) and a feature -> table map, so one call covers every table. Every id is validated before
+// anything is written: a bad id raises and leaves all state unchanged.
+
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "tracking.h"
+
+namespace cpr {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using at::TensorList;
+
+// Below this many ids a call runs on the calling thread. One thread counts ~200M ids/s, so a Criteo batch
+// (26 x 2048 ids) takes ~0.25 ms, while waking idle pool threads between training steps was measured to
+// cost 5-15 ms on a 2-vCPU VM: threads only pay off for batches of millions of ids.
+constexpr int64_t kMinParallelIds = int64_t{1} << 20;
+
+void check_state(const Tensor& t, at::ScalarType dtype, int64_t numel, const Tensor& values, const char* what,
+                 int64_t table) {
+  TORCH_CHECK(t.scalar_type() == dtype, what, "[", table, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == values.device(), what, "[", table, "] is on ", t.device(), " but values are on ",
+              values.device());
+  TORCH_CHECK(t.is_contiguous(), what, "[", table, "] must be contiguous");
+  TORCH_CHECK(t.numel() == numel, what, "[", table, "] has ", t.numel(), " elements, expected ", numel);
+}
+
+int64_t bitmap_words(int64_t rows) { return (rows + kBitsPerWord - 1) / kBitsPerWord; }
+
+// Checks the jagged layout of a batch; returns the features of each table, in feature order.
+std::vector<std::vector<int64_t>> check_batch(const Tensor& values, IntArrayRef key_offsets,
+                                              IntArrayRef feature_to_table, IntArrayRef table_rows,
+                                              TensorList dirty) {
+  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == at::kInt || values.scalar_type() == at::kLong,
+              "values must be int32 or int64, got ", values.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  const int64_t num_features = static_cast<int64_t>(feature_to_table.size());
+  const int64_t num_tables = static_cast<int64_t>(table_rows.size());
+  TORCH_CHECK(static_cast<int64_t>(key_offsets.size()) == num_features + 1, "key_offsets has ",
+              key_offsets.size(), " entries, expected num_features + 1 = ", num_features + 1);
+  TORCH_CHECK(key_offsets[0] == 0, "key_offsets[0] must be 0, got ", key_offsets[0]);
+  TORCH_CHECK(key_offsets[num_features] == values.numel(), "key_offsets[", num_features, "] = ",
+              key_offsets[num_features], " but values has ", values.numel(), " elements");
+  TORCH_CHECK(static_cast<int64_t>(dirty.size()) == num_tables, "got ", dirty.size(), " dirty bitmaps for ",
+              num_tables, " tables");
+  std::vector<std::vector<int64_t>> features_of_table(num_tables);
+  for (int64_t f = 0; f < num_features; ++f) {
+    TORCH_CHECK(key_offsets[f] <= key_offsets[f + 1], "key_offsets must be non-decreasing, but key_offsets[",
+                f, "] = ", key_offsets[f], " > key_offsets[", f + 1, "] = ", key_offsets[f + 1]);
+    const int64_t t = feature_to_table[f];
+    TORCH_CHECK(0 <= t && t < num_tables, "feature_to_table[", f, "] = ", t, " is not a table index in [0, ",
+                num_tables, ")");
+    features_of_table[t].push_back(f);
+  }
+  for (int64_t t = 0; t < num_tables; ++t) {
+    TORCH_CHECK(table_rows[t] >= 0, "table_rows[", t, "] = ", table_rows[t], " is negative");
+    check_state(dirty[t], at::kLong, bitmap_words(table_rows[t]), values, "dirty", t);
+  }
+  return features_of_table;
+}
+
+// Raises, naming the first bad id, if any id of feature f is outside [0, rows of its table).
+template <typename index_t>
+void check_ids(const index_t* ids, IntArrayRef key_offsets, IntArrayRef feature_to_table, IntArrayRef table_rows) {
+  const int64_t num_features = static_cast<int64_t>(feature_to_table.size());
+  std::vector<char> feature_bad(num_features, 0);
+  const int64_t grain = key_offsets[num_features] < kMinParallelIds ? num_features : 1;
+  at::parallel_for(0, num_features, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      // Unsigned compare catches negative ids too; no early exit keeps the loop vectorisable.
+      const uint64_t rows = static_cast<uint64_t>(table_rows[feature_to_table[f]]);
+      bool bad = false;
+      for (int64_t i = key_offsets[f]; i < key_offsets[f + 1]; ++i) {
+        bad |= static_cast<uint64_t>(static_cast<int64_t>(ids[i])) >= rows;
+      }
+      feature_bad[f] = bad;
+    }
+  });
+  for (int64_t f = 0; f < num_features; ++f) {
+    if (!feature_bad[f]) continue;
+    const int64_t t = feature_to_table[f];
+    for (int64_t i = key_offsets[f]; i < key_offsets[f + 1]; ++i) {
+      const int64_t id = static_cast<int64_t>(ids[i]);
+      TORCH_CHECK(0 <= id && id < table_rows[t], "feature ", f, " (table ", t, "): id ", id,
+                  " at value position ", i, " is outside the table's rows [0, ", table_rows[t],
+                  "); no access of this batch was recorded");
+    }
+  }
+}
+
+// Calls visit(table, position, id) for every access, parallel over tables: each table is written by one
+// thread only, in feature then position order, so results need no atomics and do not depend on the
+// number of threads.
+template <typename index_t, typename Visit>
+void for_each_access_by_table(const index_t* ids, IntArrayRef key_offsets,
+                              const std::vector<std::vector<int64_t>>& features_of_table, Visit visit) {
+  const int64_t num_tables = static_cast<int64_t>(features_of_table.size());
+  const int64_t total = key_offsets[key_offsets.size() - 1];
+  const int64_t grain = total < kMinParallelIds ? num_tables : 1;
+  at::parallel_for(0, num_tables, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (const int64_t f : features_of_table[t]) {
+        for (int64_t i = key_offsets[f]; i < key_offsets[f + 1]; ++i) {
+          visit(t, i, static_cast<int64_t>(ids[i]));
+        }
+      }
+    }
+  });
+}
+
+inline void set_bit(uint64_t* words, int64_t row) {
+  words[row / kBitsPerWord] |= uint64_t{1} << (row % kBitsPerWord);
+}
+
+std::vector<uint64_t*> word_pointers(TensorList dirty) {
+  std::vector<uint64_t*> words;
+  for (const Tensor& d : dirty) words.push_back(reinterpret_cast<uint64_t*>(d.data_ptr<int64_t>()));
+  return words;
+}
+
+void count_accesses_cpu(TensorList counts, TensorList dirty, IntArrayRef table_rows, const Tensor& values,
+                        IntArrayRef key_offsets, IntArrayRef feature_to_table) {
+  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+  TORCH_CHECK(counts.size() == table_rows.size(), "got ", counts.size(), " counters for ", table_rows.size(),
+              " tables");
+  std::vector<int32_t*> counters;
+  for (size_t t = 0; t < counts.size(); ++t) {
+    check_state(counts[t], at::kInt, table_rows[t], values, "counts", static_cast<int64_t>(t));
+    counters.push_back(counts[t].data_ptr<int32_t>());
+  }
+  const auto words = word_pointers(dirty);
+  AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "count_accesses", [&] {
+    const index_t* ids = values.data_ptr<index_t>();
+    check_ids(ids, key_offsets, feature_to_table, table_rows);
+    for_each_access_by_table(ids, key_offsets, features_of_table, [&](int64_t t, int64_t, int64_t id) {
+      int32_t& c = counters[t][id];
+      c += (c != INT32_MAX);
+      set_bit(words[t], id);
+    });
+  });
+}
+
+void sample_accesses_cpu(TensorList slots, TensorList stats, TensorList dirty, IntArrayRef table_rows,
+                         const Tensor& values, IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed,
+                         int64_t step, double rate, int64_t capacity) {
+  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+  TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
+  TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
+  TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
+              " slot sets and ", stats.size(), " stats for ", table_rows.size(), " tables");
+  std::vector<int64_t*> slot_ptrs, stat_ptrs;
+  std::vector<int64_t> masks;
+  for (size_t t = 0; t < slots.size(); ++t) {
+    const int64_t n = slots[t].numel();
+    TORCH_CHECK(n > capacity && (n & (n - 1)) == 0, "slots[", t, "] has ", n,
+                " elements; expected a power of two greater than capacity ", capacity);
+    check_state(slots[t], at::kLong, n, values, "slots", static_cast<int64_t>(t));
+    check_state(stats[t], at::kLong, kNumStats, values, "stats", static_cast<int64_t>(t));
+    slot_ptrs.push_back(slots[t].data_ptr<int64_t>());
+    stat_ptrs.push_back(stats[t].data_ptr<int64_t>());
+    masks.push_back(n - 1);
+  }
+  const auto words = word_pointers(dirty);
+  const uint64_t key = step_key(seed, step);
+  const uint64_t threshold = sample_threshold(rate);
+  AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "sample_accesses", [&] {
+    const index_t* ids = values.data_ptr<index_t>();
+    check_ids(ids, key_offsets, feature_to_table, table_rows);
+    for_each_access_by_table(ids, key_offsets, features_of_table, [&](int64_t t, int64_t position, int64_t id) {
+      set_bit(words[t], id);
+      if (!sample_access(key, position, id, threshold)) return;
+      int64_t* set = slot_ptrs[t];
+      const int64_t mask = masks[t];
+      // Linear probing; the set is never more than capacity / (mask + 1) < 1 full, so an empty slot exists.
+      for (int64_t s = home_slot(id, mask);; s = (s + 1) & mask) {
+        if (set[s] == id) return;
+        if (set[s] == kEmptySlot) {
+          // Full: keep what is held (the earliest sampled ids) and count the drop.
+          if (stat_ptrs[t][kStatSize] >= capacity) {
+            ++stat_ptrs[t][kStatOverflow];
+          } else {
+            set[s] = id;
+            ++stat_ptrs[t][kStatSize];
+          }
+          return;
+        }
+      }
+    });
+  });
+}
+
+void check_saved_args(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows, double decay) {
+  TORCH_CHECK(0.0 <= decay && decay < 1.0, "decay must be in [0, 1), got ", decay);
+  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
+  if (counts) check_state(*counts, at::kInt, num_rows, dirty, "counts", 0);
+}
+
+inline int32_t decayed(int32_t count, double decay) {
+  return static_cast<int32_t>(std::floor(static_cast<double>(count) * decay));
+}
+
+void mark_saved_rows_cpu(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
+                         const Tensor& rows, double decay) {
+  check_saved_args(counts, dirty, num_rows, decay);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor, got ",
+              rows.scalar_type(), " of shape ", rows.sizes());
+  const Tensor r = rows.contiguous();
+  const int64_t* ids = r.data_ptr<int64_t>();
+  const int64_t n = r.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(0 <= ids[i] && ids[i] < num_rows, "rows[", i, "] = ", ids[i], " is outside [0, ", num_rows, ")");
+  }
+  auto* words = reinterpret_cast<uint64_t*>(dirty.data_ptr<int64_t>());
+  int32_t* c = counts ? counts->data_ptr<int32_t>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    words[ids[i] / kBitsPerWord] &= ~(uint64_t{1} << (ids[i] % kBitsPerWord));
+    if (c) c[ids[i]] = decayed(c[ids[i]], decay);
+  }
+}
+
+void check_range(int64_t start, int64_t end, int64_t num_rows) {
+  TORCH_CHECK(0 <= start && start <= end && end <= num_rows, "row range [", start, ", ", end,
+              ") is not within [0, ", num_rows, ")");
+}
+
+// Mask of the bits of word w that fall in [start, end).
+inline uint64_t range_mask(int64_t w, int64_t start, int64_t end) {
+  const int64_t lo = std::max<int64_t>(start - w * kBitsPerWord, 0);
+  const int64_t hi = std::min<int64_t>(end - w * kBitsPerWord, kBitsPerWord);
+  const uint64_t below_hi = hi == kBitsPerWord ? ~uint64_t{0} : (uint64_t{1} << hi) - 1;
+  return below_hi & ~((uint64_t{1} << lo) - 1);
+}
+
+void mark_saved_range_cpu(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
+                          int64_t start, int64_t end, double decay) {
+  check_saved_args(counts, dirty, num_rows, decay);
+  check_range(start, end, num_rows);
+  if (start == end) return;
+  auto* words = reinterpret_cast<uint64_t*>(dirty.data_ptr<int64_t>());
+  for (int64_t w = start / kBitsPerWord; w <= (end - 1) / kBitsPerWord; ++w) words[w] &= ~range_mask(w, start, end);
+  if (counts) {
+    int32_t* c = counts->data_ptr<int32_t>();
+    at::parallel_for(start, end, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) c[r] = decayed(c[r], decay);
+    });
+  }
+}
+
+Tensor dirty_rows_cpu(const Tensor& dirty, int64_t num_rows, int64_t start, int64_t end) {
+  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
+  check_range(start, end, num_rows);
+  if (start == end) return at::empty({0}, dirty.options());
+  const auto* words = reinterpret_cast<const uint64_t*>(dirty.data_ptr<int64_t>());
+  const int64_t first = start / kBitsPerWord, last = (end - 1) / kBitsPerWord;
+  int64_t n = 0;
+  for (int64_t w = first; w <= last; ++w) n += __builtin_popcountll(words[w] & range_mask(w, start, end));
+  Tensor out = at::empty({n}, dirty.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t w = first; w <= last; ++w) {
+    for (uint64_t bits = words[w] & range_mask(w, start, end); bits; bits &= bits - 1) {
+      *o++ = w * kBitsPerWord + __builtin_ctzll(bits);
+    }
+  }
+  return out;
+}
+
+// Top-k rows of [start, end) by count, ascending ids. Each candidate is packed into one uint64 key,
+// (count << 32) | (2^32 - 1 - offset), so that one nth_element (expected linear time) ranks by count and
+// breaks ties towards the lower id; only the k chosen ids are then sorted.
+Tensor select_hottest_cpu(const Tensor& counts, int64_t start, int64_t end, int64_t k) {
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt && counts.is_contiguous(),
+              "counts must be a contiguous 1-D int32 tensor");
+  check_range(start, end, counts.numel());
+  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK(end - start <= UINT32_MAX, "row range of ", end - start, " rows exceeds 2^32 - 1");
+  const int32_t* c = counts.data_ptr<int32_t>();
+  std::vector<uint64_t> keys;
+  for (int64_t r = start; r < end; ++r) {
+    if (c[r] > 0) {
+      keys.push_back((static_cast<uint64_t>(c[r]) << 32) | (UINT32_MAX - static_cast<uint64_t>(r - start)));
+    }
+  }
+  k = std::min<int64_t>(k, static_cast<int64_t>(keys.size()));
+  if (k > 0 && k < static_cast<int64_t>(keys.size())) {
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
+  }
+  Tensor out = at::empty({k}, counts.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) o[i] = start + static_cast<int64_t>(UINT32_MAX - (keys[i] & UINT32_MAX));
+  std::sort(o, o + k);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cpr, m) {
+  m.def(
+      "count_accesses(Tensor(a!)[] counts, Tensor(b!)[] dirty, int[] table_rows, Tensor values, "
+      "int[] key_offsets, int[] feature_to_table) -> ()");
+  m.def(
+      "sample_accesses(Tensor(a!)[] slots, Tensor(b!)[] stats, Tensor(c!)[] dirty, int[] table_rows, "
+      "Tensor values, int[] key_offsets, int[] feature_to_table, int seed, int step, float rate, int capacity) -> ()");
+  m.def("mark_saved_rows(Tensor(a!)? counts, Tensor(b!) dirty, int num_rows, Tensor rows, float decay) -> ()");
+  m.def(
+      "mark_saved_range(Tensor(a!)? counts, Tensor(b!) dirty, int num_rows, int start, int end, float decay) -> ()");
+  m.def("dirty_rows(Tensor dirty, int num_rows, int start, int end) -> Tensor");
+  m.def("select_hottest(Tensor counts, int start, int end, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cpr, CPU, m) {
+  m.impl("count_accesses", &count_accesses_cpu);
+  m.impl("sample_accesses", &sample_accesses_cpu);
+  m.impl("mark_saved_rows", &mark_saved_rows_cpu);
+  m.impl("mark_saved_range", &mark_saved_range_cpu);
+  m.impl("dirty_rows", &dirty_rows_cpu);
+  m.impl("select_hottest", &select_hottest_cpu);
+}
+
+}  // namespace cpr
+
+// `import cpr._C` only has to load this library so that the registrations above run; the module itself is
+// empty (the ops are reached through torch.ops.cpr), as in PyTorch's custom-op extension template.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
