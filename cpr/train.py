@@ -49,11 +49,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--zipf-alpha", type=float, default=1.05, help="skew of the synthetic ids")
     train = p.add_argument_group("training")
     train.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="kaggle")
-    train.add_argument("--batch-size", type=int, default=2048)
+    train.add_argument("--batch-size", type=int, default=128, help="mini-batch size (128 as the DLRM reference for Kaggle)")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (default: --epochs worth)")
     length.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--lr", type=float, default=0.05, help="learning rate of the embedding and dense optimizers")
+    train.add_argument("--lr", type=float, default=0.001, help="learning rate of the dense layers (Adagrad)")
+    train.add_argument("--embedding-lr", type=float, default=0.01, help="learning rate of the fused embedding optimizer")
+    train.add_argument("--lr-decay", choices=("linear", "none"), default="linear",
+                       help="linear: both learning rates fall linearly to 0 over the run (keeps small data sets from overfitting)")
     train.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZERS), default="rowwise_adagrad")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well as at the end")
@@ -98,6 +101,7 @@ def validate(args: argparse.Namespace) -> None:
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.embedding_lr > 0, f"--embedding-lr must be > 0, got {args.embedding_lr}"),
         (args.num_shards is None or args.num_shards >= 1, f"--num-shards must be >= 1, got {args.num_shards}"),
         (0.0 < args.target_pls < 1.0, f"--target-pls must be in (0, 1), got {args.target_pls}"),
         (args.mtbf_hours is None or args.mtbf_hours > 0, f"--mtbf-hours must be > 0, got {args.mtbf_hours}"),
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
 
     ensure_process_group(device)
-    model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer, args.lr)
+    model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer, args.embedding_lr)
     optimizer = build_optimizer(model, args.lr)
     profile = _profile(args)
     ckpt = CPRCheckpointer(
@@ -203,6 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "train_rows": len(dataset.train), "eval_rows": len(dataset.eval), "failure_schedule": schedule.to_json()}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     pending = list(schedule)
     metrics = (out / "metrics.jsonl").open("w")
     batches = _endless(train_loader)
@@ -213,6 +218,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     while ckpt.global_step < total_steps:
         batch = next(batches)
         step_start = time.perf_counter()
+        if args.lr_decay == "linear":
+            # A function of the model's step, so full recovery retrains lost steps with the same rates.
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
         ckpt.observe(batch)
         optimizer.zero_grad()
         loss, _ = model(batch)

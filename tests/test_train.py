@@ -12,7 +12,8 @@ from cpr.train import main, parse_args, run
 
 REPO = Path(__file__).resolve().parents[1]
 # A small, fast configuration of the built-in synthetic set.
-SMALL = ["--model", "small", "--rows", "2000", "--synthetic-rows", "30000", "--batch-size", "256", "--no-progress"]
+SMALL = ["--model", "small", "--rows", "2000", "--synthetic-rows", "30000", "--batch-size", "256", "--lr", "0.01",
+         "--embedding-lr", "0.05", "--no-progress"]
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -117,8 +118,10 @@ def test_bad_data_file_exits_with_its_line(tmp_path):
     assert f"{bad}:2" in proc.stderr and "C1" in proc.stderr
 
 
-def test_real_criteo_sample_trains(criteo_dir, tmp_path):
-    summary = _run(tmp_path, "criteo", "--data", str(criteo_dir / "kaggle_train_sample.tsv"), "--eval-fraction", "0.2",
-                   "--epochs", "1", "--rows", "20000", "--batch-size", "128")
-    assert summary["auc"] > 0.6
-    assert summary["data_source"].endswith("kaggle_train_sample.tsv") or "kaggle_train_sample" in summary["data_source"]
+def test_real_criteo_sample_reaches_the_reference_auc(criteo_dir, tmp_path):
+    """The acceptance run: the kaggle model, 3 epochs, last 20% held out, defaults otherwise.
+    A hashed logistic regression scores about 0.736 there; the DLRM must reach 0.70."""
+    summary = run(parse_args(["--data", str(criteo_dir / "kaggle_train_sample.tsv"), "--eval-fraction", "0.2",
+                              "--epochs", "3", "--model", "kaggle", "--no-progress", "--out", str(tmp_path / "criteo")]))
+    assert summary["auc"] >= 0.70, summary["auc"]
+    assert summary["steps"] == 3 * 63  # 7,999 training rows in batches of 128
