@@ -74,6 +74,8 @@ class CPRCheckpointer:
         interval_steps: overrides the planned save interval.
         keep_last: full saves kept on disk.
         policy_options: extra settings for the prioritized policies (see `cpr.policies.make_policy`).
+        resume: continue a run that died (a real crash, not an emulated failure): everything, including
+            `global_step` and the reader, starts from the newest loadable full save in `directory`, if any.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class CPRCheckpointer:
         interval_steps: int | None = None,
         keep_last: int = 3,
         policy_options: Mapping[str, Any] | None = None,
+        resume: bool = False,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -137,6 +140,8 @@ class CPRCheckpointer:
             for name, info in self.tables.tables.items()
         }
         self.global_step = 0
+        if resume and self._rollback() is not None:
+            return
         if self.policy.recovery != "none":
             # A failure before the first periodic save must still find the shard's rows somewhere.
             self._save(SavePlan("full", reason="initial state"))
@@ -220,26 +225,33 @@ class CPRCheckpointer:
             return self._recover_full(failed_shards)
         return self._recover_partial(failed_shards)
 
-    def _recover_full(self, failed_shards: Sequence[int]) -> RecoveryResult:
+    def _rollback(self) -> tuple[int, int] | None:
+        """Return everything to the newest loadable full save; (its step, bytes read), or None if none."""
         loaded = self.store.latest_loadable(kind="full")
         if loaded is None:
-            raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
+            return None
         manifest, tensors = loaded.manifest, loaded.tensors
         self._apply_full_tensors(tensors)
         self.store.discard_after(manifest.step)  # saves past the rollback point describe a future that is gone
         if self.reader is not None and manifest.extra.get("reader") is not None:
             self.reader.load_state_dict(manifest.extra["reader"])
-        lost_steps = self.global_step - manifest.step
-        events = tuple(
-            FailureEvent(self.global_step, shard, "full", manifest.step, lost_updates=0, lost_steps=lost_steps if i == 0 else 0)
-            for i, shard in enumerate(failed_shards)
-        )
-        loaded_bytes = sum(t.nbytes for t in tensors.values())
-        for i, event in enumerate(events):
-            self.ledger.record_failure(event, loaded_bytes=loaded_bytes if i == 0 else 0)
         self.global_step = manifest.step
         for table in self.tables.tables:
             self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
+        return manifest.step, sum(t.nbytes for t in tensors.values())
+
+    def _recover_full(self, failed_shards: Sequence[int]) -> RecoveryResult:
+        failed_at = self.global_step
+        rolled_back = self._rollback()
+        if rolled_back is None:
+            raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
+        step, loaded_bytes = rolled_back
+        events = tuple(
+            FailureEvent(failed_at, shard, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0)
+            for i, shard in enumerate(failed_shards)
+        )
+        for i, event in enumerate(events):
+            self.ledger.record_failure(event, loaded_bytes=loaded_bytes if i == 0 else 0)
         return RecoveryResult("full", self.global_step, events)
 
     def _recover_partial(self, failed_shards: Sequence[int]) -> RecoveryResult:

@@ -77,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--sample-rate", type=float, help="ssu: override the planned probability of sampling an access")
     cpr.add_argument("--keep-last", type=int, default=3, help="full checkpoints kept on disk")
     cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
+    cpr.add_argument("--resume", action="store_true",
+                     help="after a crash: continue from the newest loadable full save in the checkpoint folder")
     return p.parse_args(argv)
 
 
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         interval_steps=args.interval_steps,
         keep_last=args.keep_last,
         policy_options=policy_options(args),
+        resume=args.resume,
     )
     if args.policy == "none" or args.failures == 0:
         schedule = FailureSchedule.empty()
@@ -208,10 +211,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    pending = list(schedule)
-    metrics = (out / "metrics.jsonl").open("w")
+    pending = [failure for failure in schedule if failure.step > ckpt.global_step]
+    metrics = (out / "metrics.jsonl").open("a" if args.resume else "w")
     batches = _endless(train_loader)
-    bar = tqdm(total=total_steps, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=ckpt.global_step, disable=args.no_progress, unit="step", dynamic_ncols=True)
     loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
     train_seconds = 0.0
     window_start = time.perf_counter()
