@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "checks.h"
 #include "tracking.h"
 
 namespace cpr {
@@ -31,17 +32,6 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
-void check_state(const Tensor& t, at::ScalarType dtype, int64_t numel, const Tensor& values, const char* what,
-                 int64_t table) {
-  TORCH_CHECK(t.scalar_type() == dtype, what, "[", table, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == values.device(), what, "[", table, "] is on ", t.device(), " but values are on ",
-              values.device());
-  TORCH_CHECK(t.is_contiguous(), what, "[", table, "] must be contiguous");
-  TORCH_CHECK(t.numel() == numel, what, "[", table, "] has ", t.numel(), " elements, expected ", numel);
-}
-
-int64_t bitmap_words(int64_t rows) { return (rows + kBitsPerWord - 1) / kBitsPerWord; }
-
 // The per-feature layout of a batch, on the device: key_offsets[F + 1], feature_to_table[F], rows[T].
 struct DeviceBatch {
   Tensor meta;  // int64: key_offsets | feature_to_table | table_rows
@@ -53,29 +43,8 @@ struct DeviceBatch {
 
 DeviceBatch check_batch(const Tensor& values, IntArrayRef key_offsets, IntArrayRef feature_to_table,
                         IntArrayRef table_rows, TensorList dirty) {
-  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == at::kInt || values.scalar_type() == at::kLong,
-              "values must be int32 or int64, got ", values.scalar_type());
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  check_batch_layout(values, key_offsets, feature_to_table, table_rows, dirty);
   const int64_t num_features = static_cast<int64_t>(feature_to_table.size());
-  const int64_t num_tables = static_cast<int64_t>(table_rows.size());
-  TORCH_CHECK(static_cast<int64_t>(key_offsets.size()) == num_features + 1, "key_offsets has ",
-              key_offsets.size(), " entries, expected num_features + 1 = ", num_features + 1);
-  TORCH_CHECK(key_offsets[0] == 0, "key_offsets[0] must be 0, got ", key_offsets[0]);
-  TORCH_CHECK(key_offsets[num_features] == values.numel(), "key_offsets[", num_features, "] = ",
-              key_offsets[num_features], " but values has ", values.numel(), " elements");
-  TORCH_CHECK(static_cast<int64_t>(dirty.size()) == num_tables, "got ", dirty.size(), " dirty bitmaps for ",
-              num_tables, " tables");
-  for (int64_t f = 0; f < num_features; ++f) {
-    TORCH_CHECK(key_offsets[f] <= key_offsets[f + 1], "key_offsets must be non-decreasing, but key_offsets[",
-                f, "] = ", key_offsets[f], " > key_offsets[", f + 1, "] = ", key_offsets[f + 1]);
-    TORCH_CHECK(0 <= feature_to_table[f] && feature_to_table[f] < num_tables, "feature_to_table[", f, "] = ",
-                feature_to_table[f], " is not a table index in [0, ", num_tables, ")");
-  }
-  for (int64_t t = 0; t < num_tables; ++t) {
-    TORCH_CHECK(table_rows[t] >= 0, "table_rows[", t, "] = ", table_rows[t], " is negative");
-    check_state(dirty[t], at::kLong, bitmap_words(table_rows[t]), values, "dirty", t);
-  }
   std::vector<int64_t> host(key_offsets.begin(), key_offsets.end());
   host.insert(host.end(), feature_to_table.begin(), feature_to_table.end());
   host.insert(host.end(), table_rows.begin(), table_rows.end());
