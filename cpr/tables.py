@@ -95,6 +95,28 @@ class EmbeddingTables:
         if not tables:
             raise ValueError("the model holds no EmbeddingBagCollection tables for CPR to checkpoint")
         self.tables: dict[str, TableInfo] = tables
+        self._params = dict(model.named_parameters())
+        self._fused_states = self._fused_row_states()
+
+    def _fused_row_states(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """fbgemm's per-row optimizer state of each fused table, or None for a model without fused tables.
+
+        fbgemm allocates this state with the tables and updates it in place, so the views taken here stay
+        live, unlike a plain optimizer's state, which appears lazily at its first step.
+        """
+        fused = getattr(self._model, "fused_optimizer", None)
+        if fused is None:
+            return None
+        state = fused.state_dict()["state"]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, info in self.tables.items():
+            prefix = f"{name}."
+            out[name] = {
+                key.removeprefix(prefix): _local_tensor(value)[0]
+                for key, value in state.get(info.state_key, {}).items()
+                if isinstance(value, torch.Tensor)
+            }
+        return out
 
     @property
     def feature_to_table(self) -> dict[str, str]:
@@ -115,19 +137,12 @@ class EmbeddingTables:
         keeps with a leading dimension equal to the local row count. State that is not per row (a step
         counter) belongs to the dense snapshot instead.
         """
-        info = self.tables[table]
-        fused = getattr(self._model, "fused_optimizer", None)
-        if fused is not None:
-            state = fused.state_dict()["state"].get(info.state_key, {})
-            prefix = f"{table}."
-            return {
-                name[len(prefix):] if name.startswith(prefix) else name: _local_tensor(value)[0]
-                for name, value in state.items()
-                if isinstance(value, torch.Tensor)
-            }
+        if self._fused_states is not None:
+            return self._fused_states.get(table, {})
         if self._optimizer is None:
             return {}
-        param = dict(self._model.named_parameters())[info.state_key]
+        info = self.tables[table]
+        param = self._params[info.state_key]
         return {
             name: value
             for name, value in self._optimizer.state.get(param, {}).items()
