@@ -10,18 +10,23 @@ from .plan import (
     plan,
     young_daly_interval,
 )
+from .prioritized import AccessProfile, PrioritizedPlan, plan_for_budget, plan_prioritized
 from .profile import FAILURE_DISTRIBUTIONS, ClusterProfile
 
 __all__ = [
+    "AccessProfile",
     "FAILURE_DISTRIBUTIONS",
     "ClusterProfile",
     "IntervalPlan",
     "OverheadBreakdown",
     "PlanResult",
+    "PrioritizedPlan",
     "expected_pls",
     "full_recovery_overhead",
     "partial_interval",
     "partial_recovery_overhead",
     "plan",
+    "plan_for_budget",
+    "plan_prioritized",
     "young_daly_interval",
 ]

@@ -1,39 +1,30 @@
 """Checkpoint policies: when to save, what to save, and which recovery a failure gets."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Callable
 
-from cpr.planning import PlanResult
-from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, SavePlan
+from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContext, SavePlan
 from cpr.policies.basic import FullRecoveryPolicy, NoCheckpointPolicy, PartialRecoveryPolicy
-from cpr.shards import ShardLayout
-from cpr.tracking import AccessTracker
+from cpr.policies.prioritized import MFUPolicy, SCARPolicy, SSUPolicy
 
-POLICY_NAMES = ("none", "full", "partial")
-
-
-def _steps(hours: float, hours_per_step: float) -> int:
-    """An interval in emulated hours as a whole number of steps (at least one)."""
-    return max(1, round(hours / hours_per_step))
-
-
-def make_policy(
-    name: str,
-    plan: PlanResult,
-    hours_per_step: float,
-    interval_steps: int | None,
-    tracker: AccessTracker,
-    layout: ShardLayout,
-    options: Mapping[str, Any],
-) -> CheckpointPolicy:
-    """Build a policy by name with the intervals the plan chose (or `interval_steps` if given)."""
-    if name == "none":
-        return NoCheckpointPolicy()
-    if name == "full":
-        return FullRecoveryPolicy(interval_steps or _steps(plan.full.interval_hours, hours_per_step))
-    if name == "partial":
-        return PartialRecoveryPolicy(interval_steps or _steps(plan.partial.interval_hours, hours_per_step))
-    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+# Policy name -> factory from the run's context. Each factory reads its intervals from the plan unless
+# the context carries an explicit `interval_steps`.
+POLICY_FACTORIES: dict[str, Callable[[PolicyContext], CheckpointPolicy]] = {
+    "none": lambda ctx: NoCheckpointPolicy(),
+    "full": lambda ctx: FullRecoveryPolicy(ctx.interval_steps or ctx.steps(ctx.plan.full.interval_hours)),
+    "partial": lambda ctx: PartialRecoveryPolicy(ctx.interval_steps or ctx.steps(ctx.plan.partial.interval_hours)),
+    "mfu": MFUPolicy,
+    "ssu": SSUPolicy,
+    "scar": SCARPolicy,
+}
+POLICY_NAMES = tuple(POLICY_FACTORIES)
 
 
-__all__ = ["CheckpointPolicy", "PeriodicFullPolicy", "SavePlan", "POLICY_NAMES", "make_policy"]
+def make_policy(name: str, context: PolicyContext) -> CheckpointPolicy:
+    """Build the policy called `name` for a run described by `context`."""
+    if name not in POLICY_FACTORIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    return POLICY_FACTORIES[name](context)
+
+
+__all__ = ["CheckpointPolicy", "PeriodicFullPolicy", "PolicyContext", "SavePlan", "POLICY_NAMES", "make_policy"]

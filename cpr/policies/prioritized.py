@@ -1,0 +1,357 @@
+"""CPR-MFU, CPR-SSU and SCAR: full saves every T_full steps and, in between, a subset of rows every T_sub.
+
+All three recover partially: a failed shard's rows come back row by row from the newest full or subset
+save that holds them, so rows saved often lose few updates. They differ in which rows a subset holds:
+
+* `mfu`: the top fraction r of each shard's rows by accesses since their last save (the checkpointer's
+  access counters, 4 bytes per row).
+* `ssu`: the rows whose accesses an SSU tracker sampled with probability p since the last subset save (a
+  bounded set of ids per table, memory independent of the table size).
+* `scar`: the top fraction r of each shard's rows by how far they moved since their last save (L2 norm of
+  weight minus saved weight; a copy of the saved rows is kept to measure it). A baseline from the SCAR
+  system, beyond the CPR paper.
+
+Settings come from `cpr.planning.prioritized` at a calibration step (the first ~5% of the run, before the
+first planned full save), once access frequencies have been measured; until then the policy saves like
+plain partial recovery. Explicit settings in the context (`interval_steps`, options `fraction`,
+`sample_rate`, `subset_interval_steps`) win over the planner. Derivation: docs/prioritized.md.
+"""
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import asdict
+from typing import Any, Callable, ClassVar
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from cpr.planning.prioritized import AccessProfile, PrioritizedPlan, plan_prioritized
+from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
+from cpr.tables import EmbeddingTables
+from cpr.tracking import AccessTracker
+
+CALIBRATION_FRACTION = 0.05
+# Accesses SSU keeps (with multiplicity) to plan from: 18 bytes each, so about 1.2 MB whatever the tables.
+CALIBRATION_SAMPLE = 1 << 16
+_ID_BYTES = 8  # a subset save stores one int64 id per row
+
+
+def subset_row_bytes(tables: EmbeddingTables) -> dict[str, int]:
+    """Bytes a subset save writes per row of each table: weight, row-wise optimizer state and the id."""
+    out = {}
+    for table in tables.tables:
+        weight = tables.weight(table)
+        states = tables.row_states(table).values()
+        per_row = weight[0].nbytes if weight.shape[0] else 0
+        per_row += sum(s[0].nbytes for s in states if s.shape[0])
+        out[table] = per_row + _ID_BYTES
+    return out
+
+
+class PrioritizedPolicy(CheckpointPolicy):
+    """Full saves every `full_interval_steps`, subset saves of `select_rows()` every `subset_interval_steps`
+    (counted from the last full save), planned at `calibration_step`."""
+
+    recovery = "partial"
+    knob_option: ClassVar[str]  # the context option that pins the planner's knob (r or p)
+
+    def __init__(self, context: PolicyContext) -> None:
+        self.context = context
+        options = context.options
+        knob = options.get(self.knob_option)
+        subset = options.get("subset_interval_steps")
+        if knob is not None and not 0 < knob <= 1:
+            raise ValueError(f"option {self.knob_option!r} must be in (0, 1], got {knob}")
+        longest = min(context.total_steps, context.interval_steps or context.total_steps)
+        if subset is not None and not 1 <= subset < longest:
+            raise ValueError(f"option 'subset_interval_steps' must be in [1, {longest}) (shorter than the run and "
+                             f"the full-save interval), got {subset}")
+        self.pinned: dict[str, Any] = {
+            key: value for key, value in
+            (("full_interval_steps", context.interval_steps), (self.knob_option, knob), ("subset_interval_steps", subset))
+            if value is not None
+        }
+        self.full_interval_steps = context.interval_steps or context.steps(context.plan.partial.interval_hours)
+        self.subset_interval_steps = 0
+        self.calibration_step = max(1, min(math.ceil(CALIBRATION_FRACTION * context.total_steps), self.full_interval_steps))
+        self.plan: PrioritizedPlan | None = None
+        self._step = 0
+        self._last_full = 0
+
+    # -- deciding ----------------------------------------------------------------------------------------
+    def decide(self, step: int) -> SavePlan | None:
+        self._step = step
+        if self.plan is None and step >= self.calibration_step:
+            self._calibrate(window=step - self._last_full)
+        since_full = step - self._last_full
+        if since_full >= self.full_interval_steps:
+            return SavePlan("full", reason=f"every {self.full_interval_steps} steps")
+        if self.subset_interval_steps and since_full % self.subset_interval_steps == 0:
+            rows = self.select_rows()
+            if rows:
+                return SavePlan("subset", rows=rows, reason=f"{self.name} rows every {self.subset_interval_steps} steps")
+        return None
+
+    def after_save(self, plan: SavePlan) -> None:
+        if plan.kind == "full":
+            self._last_full = self._step
+
+    def _calibrate(self, window: int) -> None:
+        ctx = self.context
+        knob = self.pinned.get(self.knob_option)
+        subset = self.pinned.get("subset_interval_steps")
+        self.plan = plan_prioritized(
+            self.name,
+            self.access_profile(max(1, window)),
+            ctx.profile,
+            ctx.target_pls,
+            ctx.hours_per_step,
+            ctx.total_steps,
+            full_bytes=ctx.tables.nbytes(),
+            row_bytes=subset_row_bytes(ctx.tables),
+            knobs=None if knob is None else [knob],
+            subset_intervals=None if subset is None else [subset],
+            full_interval_steps=self.pinned.get("full_interval_steps"),
+        )
+        self.full_interval_steps = self.plan.full_interval_steps
+        self.subset_interval_steps = self.plan.subset_interval_steps
+        self.apply_plan(self.plan)
+
+    @abstractmethod
+    def access_profile(self, window: int) -> AccessProfile:
+        """Access frequencies measured over the `window` steps of calibration."""
+
+    def apply_plan(self, plan: PrioritizedPlan) -> None:
+        """Take the planned knob (r or p) into use."""
+
+    @abstractmethod
+    def select_rows(self) -> dict[str, torch.Tensor]:
+        """Local row ids to save now per table (tables with no rows left out)."""
+
+    def _per_shard(self, pick: Callable[[str, tuple[int, int]], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`pick(table, shard_range)` for every shard of every table, concatenated per table."""
+        rows = {}
+        for table, ranges in self.context.layout.ranges.items():
+            ids = torch.cat([pick(table, r) for r in ranges if r[1] > r[0]] or [torch.zeros(0, dtype=torch.int64)])
+            if ids.numel():
+                rows[table] = ids
+        return rows
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def mean_age_steps(self) -> float:
+        """Access-weighted mean age of the rows' newest saves (T_full / 2 until planned)."""
+        return self.plan.mean_age_steps if self.plan is not None else self.full_interval_steps / 2
+
+    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+        # Each failure loses, on average, the accesses of one shard's rows over their mean age.
+        return failures * self.mean_age_steps() / (num_shards * total_steps)
+
+    def settings(self) -> dict[str, Any]:
+        hours = self.context.hours_per_step
+        out: dict[str, Any] = {
+            "full_interval_steps": self.full_interval_steps,
+            "full_interval_hours": self.full_interval_steps * hours,
+            "subset_interval_steps": self.subset_interval_steps,
+            "subset_interval_hours": self.subset_interval_steps * hours,
+            "calibration_step": self.calibration_step,
+            "pinned": self.pinned,
+            "target_pls": self.context.target_pls,
+        }
+        if self.plan is not None:
+            plan = asdict(self.plan)
+            out.update({f"planned_{k}": v for k, v in plan.items() if k not in ("full_interval_steps", "subset_interval_steps")})
+        return out
+
+
+class _TopFractionPolicy(PrioritizedPolicy):
+    """Subsets of the top fraction r of each shard's rows by some per-row priority; planned from the
+    checkpointer's access counts with the MFU model."""
+
+    knob_option = "fraction"
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self.fraction: float | None = self.pinned.get("fraction")
+
+    def access_profile(self, window: int) -> AccessProfile:
+        tracker = self.context.tracker
+        return AccessProfile.from_counts({t: tracker.counts(t) for t in tracker.table_rows}, self.context.layout.ranges, window)
+
+    def apply_plan(self, plan: PrioritizedPlan) -> None:
+        self.fraction = plan.fraction
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "fraction": self.fraction}
+
+
+class MFUPolicy(_TopFractionPolicy):
+    """CPR-MFU: subsets of the most-frequently-used rows of each shard since their last save."""
+
+    name = "mfu"
+
+    def select_rows(self) -> dict[str, torch.Tensor]:
+        tracker = self.context.tracker
+        return self._per_shard(lambda table, r: tracker.hottest(table, fraction=self.fraction, row_range=r))
+
+    def memory_bytes(self) -> int:
+        return self.context.tracker.memory_breakdown()["counters"]
+
+
+class _AccessSample:
+    """A uniform sample without replacement of at most `capacity` accesses (table, row id), with
+    multiplicity: every access gets a random key and the `capacity` smallest keys are kept (bottom-k)."""
+
+    def __init__(self, feature_to_table: dict[str, int], capacity: int, seed: int) -> None:
+        self.feature_to_table = feature_to_table
+        self.capacity = capacity
+        self.generator = torch.Generator().manual_seed(seed)
+        self.keys = torch.zeros(0, dtype=torch.float64)
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.tables = torch.zeros(0, dtype=torch.int16)
+        self.seen = 0
+
+    def add(self, kjt: KeyedJaggedTensor) -> None:
+        values = kjt.values().to("cpu", torch.int64)
+        per_key = torch.tensor([self.feature_to_table[k] for k in kjt.keys()], dtype=torch.int16)
+        lengths = torch.tensor(kjt.offset_per_key()).diff()
+        keys = torch.rand(values.numel(), generator=self.generator, dtype=torch.float64)
+        self.seen += values.numel()
+        self.keys = torch.cat([self.keys, keys])
+        self.ids = torch.cat([self.ids, values])
+        self.tables = torch.cat([self.tables, per_key.repeat_interleave(lengths)])
+        if self.keys.numel() > self.capacity:
+            keep = torch.topk(self.keys, self.capacity, largest=False).indices
+            self.keys, self.ids, self.tables = self.keys[keep], self.ids[keep], self.tables[keep]
+
+    def nbytes(self) -> int:
+        return self.capacity * (self.keys.element_size() + self.ids.element_size() + self.tables.element_size())
+
+    def by_table(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self.ids[self.tables == i] for i, name in enumerate(names)}
+
+
+class SSUPolicy(PrioritizedPolicy):
+    """CPR-SSU: subsets of the rows whose accesses were sub-sampled with probability p since the last
+    subset save. The SSU tracker is built at calibration with the planned p and set capacity."""
+
+    name = "ssu"
+    knob_option = "sample_rate"
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self._tables = list(context.tables.tables)
+        index = {t: i for i, t in enumerate(self._tables)}
+        self._sample: _AccessSample | None = _AccessSample(
+            {f: index[t] for f, t in context.tables.feature_to_table.items()}, CALIBRATION_SAMPLE, seed=0
+        )
+        self.calibration_sample_bytes = self._sample.nbytes()
+        self.tracker: AccessTracker | None = None
+        self.overflow = 0  # sampled ids dropped because a set was full, over the run
+        # Sampling starts at calibration, so rows updated before it are unknown to the sets: the first
+        # subset also takes the rows updated since their last save (the checkpointer's dirty bits, once).
+        self._catch_up = False
+
+    def observe(self, kjt: KeyedJaggedTensor) -> None:
+        if self.tracker is not None:
+            self.tracker.observe(kjt)
+        elif self._sample is not None:
+            self._sample.add(kjt)
+
+    def access_profile(self, window: int) -> AccessProfile:
+        sample = self._sample
+        fraction = sample.ids.numel() / sample.seen if sample.seen else 1.0
+        by_table = sample.by_table(self._tables)
+        self._sample = None  # calibration only: the sample's memory is released once planned
+        return AccessProfile.from_sample(by_table, fraction, self.context.layout.ranges, window)
+
+    def apply_plan(self, plan: PrioritizedPlan) -> None:
+        if not plan.subset_interval_steps:
+            return  # plain partial recovery was cheapest: nothing to sample
+        tables = self.context.tables
+        self.tracker = AccessTracker(
+            {name: info.local_rows for name, info in tables.tables.items()},
+            tables.feature_to_table,
+            mode="ssu",
+            ssu_rate=plan.sample_rate,
+            ssu_capacity=plan.ssu_capacity,
+            device=self.context.tracker.device,
+        )
+        self._catch_up = True
+
+    def select_rows(self) -> dict[str, torch.Tensor]:
+        rows = {}
+        for table in self._tables:
+            self.overflow += self.tracker.ssu_overflow(table)
+            ids = self.tracker.sampled(table, clear=True)
+            if self._catch_up:
+                ids = torch.cat([ids, self.context.tracker.dirty_rows(table)]).unique()
+            if ids.numel():
+                rows[table] = ids
+        self._catch_up = False
+        return rows
+
+    def after_save(self, plan: SavePlan) -> None:
+        super().after_save(plan)
+        if plan.kind == "full" and self.tracker is not None:
+            for table in self._tables:  # every row was just saved: earlier samples are stale
+                self.tracker.sampled(table, clear=True)
+
+    def memory_bytes(self) -> int:
+        # The SSU sets only. The tracker also allocates a dirty bitmap (1 bit per row) that SSU does not
+        # use; settings() reports it separately.
+        return self.tracker.memory_breakdown()["ssu_sets"] if self.tracker is not None else 0
+
+    def settings(self) -> dict[str, Any]:
+        out = {**super().settings(), "sample_rate": None, "ssu_capacity": None,
+               "calibration_sample_bytes": self.calibration_sample_bytes}
+        if self.tracker is not None:
+            memory = self.tracker.memory_breakdown()
+            out.update(sample_rate=self.tracker.ssu_rate, ssu_capacity=self.tracker.ssu_capacity,
+                       ssu_set_bytes=memory["ssu_sets"], unused_dirty_bitmap_bytes=memory["dirty_bitmap"],
+                       ssu_overflow=self.overflow + sum(self.tracker.ssu_overflow(t) for t in self._tables))
+        return out
+
+
+class SCARPolicy(_TopFractionPolicy):
+    """SCAR's priority: subsets of the rows of each shard that moved most (L2) since their last save.
+
+    Keeps a copy of every row's newest saved weight. After a partial recovery the restored rows equal
+    that copy already, so nothing needs updating then. Planned with the MFU access model (a row that
+    moves is a row that was accessed), which SCAR's ranking only approximates.
+    """
+
+    name = "scar"
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def select_rows(self) -> dict[str, torch.Tensor]:
+        distances = {
+            t: (self.context.tables.weight(t).detach().float() - saved.float()).norm(dim=1)
+            for t, saved in self._saved.items()
+        }
+
+        def farthest(table: str, row_range: tuple[int, int]) -> torch.Tensor:
+            start, end = row_range
+            moved = distances[table][start:end]
+            k = min(math.ceil(self.fraction * (end - start)), int((moved > 0).sum()))
+            return (torch.topk(moved, k).indices + start).sort().values
+
+        return self._per_shard(farthest)
+
+    def after_save(self, plan: SavePlan) -> None:
+        super().after_save(plan)
+        with torch.no_grad():
+            if plan.kind == "full":
+                self._saved = {t: self.context.tables.weight(t).detach().clone() for t in self.context.tables.tables}
+            else:
+                for table, ids in plan.rows.items():
+                    self._saved[table][ids] = self.context.tables.weight(table)[ids]
+
+    def memory_bytes(self) -> int:
+        return sum(t.nbytes for t in self._saved.values())
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "saved_copy_bytes": self.memory_bytes()}
