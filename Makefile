@@ -1,4 +1,5 @@
-# `make run` trains the default job on the built-in synthetic set; `make test` runs the test suite.
+# `make run` trains the main job (CPR-MFU under the production failure profile) on the built-in synthetic
+# set; `make test` runs the test suite. ARGS="..." adds or overrides `python -m cpr.train` options.
 # Both create .venv with the pinned stack when it is missing and (re)build the extension when needed.
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,7 +18,7 @@ install: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 run: install
-	$(PY) -m cpr.train --out runs/default $(ARGS)
+	$(PY) -m cpr.train --policy mfu --out runs/default $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
@@ -25,6 +26,7 @@ test: install
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tracking.py
+	$(PY) benchmarks/policies.py
 
 clean:
 	rm -rf build *.egg-info cpr/_C*.so

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -277,7 +279,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"AUC {summary['auc']:.4f}   log loss {summary['logloss']:.4f}   {summary['samples_per_s']:,.0f} samples/s   "
         f"{summary['steps']} steps ({summary['steps_executed']} executed)",
-        f"policy {summary['policy']}  shards {summary['num_shards']}  settings {summary['policy_settings']}",
+        f"policy {summary['policy']}  shards {summary['num_shards']}  settings "
+        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["policy_settings"].items()
+                    if not k.startswith("planned_") and v not in (None, {})),
+        f"plan: {summary['plan']['recommended']} recovery is cheaper for this profile: {summary['plan']['reason']}",
         f"checkpoints {len(summary['checkpoints'])}  bytes written {summary['bytes_written']:,}",
         f"failures {len(summary['failures'])}: " + ", ".join(f"step {f['step']} shard {f['shard']}" for f in summary["failures"]),
         f"PLS expected {summary['pls_expected']:.5f}  measured {summary['pls_measured']:.5f}",
@@ -290,7 +295,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_dependencies() -> None:
+    """Silence what TorchRec 1.8 and torch say about their own internals on every run (ShardedTensor's
+    deprecation, planner defaults for a one-process CPU topology): nothing a user of the CLI can act on."""
+    for message in ("Please use DTensor instead", "HeuristicalStorageReservation is known", "`broadcast_buffers` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for logger in ("torchrec.distributed.planner", "torch.fx._symbolic_trace"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_dependencies()
     args = parse_args(argv)
     try:
         summary = run(args)
