@@ -252,3 +252,25 @@ def test_measured_pls_matches_the_analytic_expectation(tmp_path):
     expected = statistics.mean(e for _, e in results)
     assert expected == pytest.approx(24 * 40 / (2 * 8 * 600))
     assert measured == pytest.approx(expected, rel=0.2)
+
+
+def test_checkpointer_is_stateful_for_torch_distributed_checkpoint(dmp_model, tmp_path):
+    """dcp.save/dcp.load of {"cpr": ckpt} bring back rows, optimizer state, dense model and step."""
+    import torch.distributed.checkpoint as dcp
+
+    model, optimizer = dmp_model
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "cpr", policy="partial", num_shards=2, total_steps=100, interval_steps=50)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        train_step(model, optimizer, ckpt, make_batch(gen))
+    rows, dense_state = snapshot(ckpt), dense_params(model)
+    dcp.save({"cpr": ckpt}, checkpoint_id=str(tmp_path / "dcp"))
+    for _ in range(2):
+        train_step(model, optimizer, ckpt, make_batch(gen))
+    assert ckpt.global_step == 5
+    dcp.load({"cpr": ckpt}, checkpoint_id=str(tmp_path / "dcp"))
+    assert ckpt.global_step == 3
+    for key, value in snapshot(ckpt).items():
+        assert torch.equal(value, rows[key]), key
+    for key, value in dense_params(model).items():
+        assert torch.equal(value, dense_state[key]), key
