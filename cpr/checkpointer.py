@@ -218,7 +218,7 @@ class CPRCheckpointer:
         lost steps again.
         """
         for shard in failed_shards:
-            self.layout.rows(next(iter(self.tables.tables)), shard)  # validates the shard id
+            self.layout.check(shard)
         if self.policy.recovery == "none":
             raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint, so shard failures cannot be recovered")
         if self.policy.recovery == "full":

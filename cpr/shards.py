@@ -1,9 +1,10 @@
 """Failure domains: which local rows of each table belong to which embedding shard.
 
-A shard stands for one embedding parameter-server node. When a TorchRec sharding plan spreads tables
-over several ranks, each rank is a shard. On one process CPR emulates `num_shards` nodes by splitting
-every table's rows into `num_shards` contiguous ranges of near-equal size (as row-wise sharding would
-place them), so a failure of any shard touches a 1/num_shards slice of every table.
+A shard stands for one embedding parameter-server node. On one process (world size 1, what CPR runs
+today) CPR emulates `num_shards` nodes by splitting every table's rows into `num_shards` contiguous ranges
+of near-equal size (as TorchRec's row-wise sharding places them), so a failure of any shard touches a
+1/num_shards slice of every table. A shard is a set of local rows, so a rank that owns a row-wise shard of
+a multi-process plan maps onto one directly.
 """
 from __future__ import annotations
 
@@ -38,9 +39,13 @@ class ShardLayout:
         }
         return cls(num_shards=num_shards, ranges=ranges)
 
-    def rows(self, table: str, shard: int) -> tuple[int, int]:
+    def check(self, shard: int) -> None:
+        """Raise a clear error for a shard id that does not exist."""
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"shard {shard} does not exist: there are {self.num_shards} shards (0..{self.num_shards - 1})")
+
+    def rows(self, table: str, shard: int) -> tuple[int, int]:
+        self.check(shard)
         return self.ranges[table][shard]
 
     def to_json(self) -> dict[str, list[list[int]]]:
