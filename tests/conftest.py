@@ -7,6 +7,9 @@ import pytest
 import torch
 
 SHARED_CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo"
+# The tables of the small DLRM that checkpointer and policy tests train.
+FEATURES = ["cat_0", "cat_1", "cat_2"]
+ROWS = [64, 200, 7]
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,13 @@ def criteo_dir() -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the synthetic-data cache of every test inside pytest's temporary folders, shared per session."""
     monkeypatch.setenv("CPR_CACHE", str(tmp_path_factory.getbasetemp() / "cpr-cache"))
+
+
+@pytest.fixture
+def dmp_model(process_group):
+    """A small DLRM through DMP (fused row-wise Adagrad) and its combined optimizer."""
+    from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
+
+    torch.manual_seed(0)
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], ROWS, FEATURES), torch.device("cpu"), "rowwise_adagrad", 0.1)
+    return model, build_optimizer(model, 0.1)

@@ -11,10 +11,7 @@ from torchrec.datasets.utils import Batch
 from cpr import CPRCheckpointer, ClusterProfile
 from cpr.checkpointer import RecoveryError
 from cpr.faults import FailureSchedule
-from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
-
-FEATURES = ["cat_0", "cat_1", "cat_2"]
-ROWS = [64, 200, 7]
+from tests.conftest import FEATURES, ROWS
 
 
 def make_batch(gen: torch.Generator, batch_size: int = 32, rows: list[int] = ROWS) -> Batch:
@@ -33,13 +30,6 @@ def make_batch(gen: torch.Generator, batch_size: int = 32, rows: list[int] = ROW
         sparse_features=kjt,
         labels=torch.randint(0, 2, (batch_size,), generator=gen).float(),
     )
-
-
-@pytest.fixture
-def dmp_model(process_group):
-    torch.manual_seed(0)
-    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], ROWS, FEATURES), torch.device("cpu"), "rowwise_adagrad", 0.1)
-    return model, build_optimizer(model, 0.1)
 
 
 def train_step(model, optimizer, ckpt: CPRCheckpointer, batch: Batch) -> None:

@@ -14,7 +14,8 @@ from cpr.faults import FailureSchedule
 from cpr.planning import AccessProfile, plan_for_budget, plan_prioritized
 from cpr.policies.prioritized import CALIBRATION_SAMPLE, SSUPolicy
 from cpr.train import parse_args, run
-from tests.test_checkpointer import FEATURES, dmp_model, make_batch  # noqa: F401 (dmp_model is a fixture)
+from tests.conftest import FEATURES
+from tests.test_checkpointer import make_batch
 from tests.test_train import SMALL
 
 PRIORITIZED = ["mfu", "ssu", "scar"]
