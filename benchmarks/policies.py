@@ -36,7 +36,7 @@ from cpr.policies.prioritized import CALIBRATION_FRACTION, subset_row_bytes
 from cpr.shards import ShardLayout
 from cpr.tables import EmbeddingTables
 from cpr.tracking import AccessTracker
-from cpr.train import parse_args, run
+from cpr.train import parse_args, quiet_dependencies, run
 from dlrm.data import open_dataset
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE_NAMES, table_rows
@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--data", default=str(CRITEO_SAMPLE), help="real Criteo Kaggle-format rows")
     p.add_argument("--out", help="also write the JSON here")
     opts = p.parse_args()
+    quiet_dependencies()
     datasets: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cpr-policies-") as tmp:
         work = Path(tmp)

@@ -295,7 +295,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_dependencies() -> None:
+def quiet_dependencies() -> None:
     """Silence what TorchRec 1.8 and torch say about their own internals on every run (ShardedTensor's
     deprecation, planner defaults for a one-process CPU topology): nothing a user of the CLI can act on."""
     for message in ("Please use DTensor instead", "HeuristicalStorageReservation is known", "`broadcast_buffers` is deprecated"):
@@ -305,7 +305,7 @@ def _quiet_dependencies() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_dependencies()
+    quiet_dependencies()
     args = parse_args(argv)
     try:
         summary = run(args)
