@@ -32,6 +32,32 @@ def make_batch(gen: torch.Generator, batch_size: int = 32, rows: list[int] = ROW
     )
 
 
+def plain_ebc(rows: list[int], dim: int = 2) -> tuple[EmbeddingBagCollection, torch.optim.Optimizer]:
+    """A plain (unsharded) EBC over FEATURES with `rows` per table, stepped by torch's Adagrad."""
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f])
+        for i, (f, r) in enumerate(zip(FEATURES, rows))
+    ])
+    return ebc, torch.optim.Adagrad(ebc.parameters(), lr=0.1)
+
+
+def emulate(policy: str, seed: int, tmp_path, options: dict, interval_steps: int = 80, steps: int = 600,
+            failures: int = 24) -> dict:
+    """Observe-and-recover emulation on a plain EBC: lost updates are counted, no training needed."""
+    rows = [500, 300, 50]
+    ebc, optimizer = plain_ebc(rows)
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / f"{policy}{seed}", policy=policy, num_shards=8, total_steps=steps,
+                           interval_steps=interval_steps, policy_options=options)
+    pending = list(FailureSchedule.from_profile(ckpt.profile, steps, seed=seed, count=failures))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ckpt.observe(make_batch(gen, 16, rows))
+        ckpt.step()
+        while pending and pending[0].step <= ckpt.global_step:
+            ckpt.recover([pending.pop(0).shard])
+    return ckpt.report()
+
+
 def train_step(model, optimizer, ckpt: CPRCheckpointer, batch: Batch) -> None:
     ckpt.observe(batch)
     optimizer.zero_grad()
@@ -194,10 +220,7 @@ def test_unwritable_directory_is_reported(dmp_model, tmp_path):
 
 
 def test_plain_ebc_module_is_supported(tmp_path):
-    ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=r, feature_names=[f]) for i, (f, r) in enumerate(zip(FEATURES, ROWS))]
-    )
-    optimizer = torch.optim.Adagrad(ebc.parameters(), lr=0.1)
+    ebc, optimizer = plain_ebc(ROWS, dim=4)
     ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="partial", num_shards=2, total_steps=10, interval_steps=100)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -215,31 +238,11 @@ def test_plain_ebc_module_is_supported(tmp_path):
     assert torch.equal(ckpt.tables.row_states("t1")["sum"][start:end], initial["emb/t1/opt/sum"][start:end])
 
 
-def _measured_pls(seed: int, tmp_path, steps: int = 600, failures: int = 24) -> tuple[float, float]:
-    """Observe-and-recover emulation on a plain EBC (no training needed to count lost updates)."""
-    rows = [500, 300, 50]
-    ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=f"t{i}", embedding_dim=2, num_embeddings=r, feature_names=[f]) for i, (f, r) in enumerate(zip(FEATURES, rows))]
-    )
-    optimizer = torch.optim.SGD(ebc.parameters(), lr=0.1)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / f"s{seed}", policy="partial", num_shards=8, total_steps=steps, interval_steps=40)
-    schedule = FailureSchedule.from_profile(ckpt.profile, steps, seed=seed, count=failures)
-    pending = list(schedule)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ckpt.observe(make_batch(gen, 16, rows))
-        ckpt.step()
-        while pending and pending[0].step <= ckpt.global_step:
-            ckpt.recover([pending.pop(0).shard])
-    report = ckpt.report()
-    return report["pls_measured"], report["pls_expected"]
-
-
 def test_measured_pls_matches_the_analytic_expectation(tmp_path):
     """Averaged over 6 seeds (144 failures), measured PLS is within 20% of failures * T / (2 N steps)."""
-    results = [_measured_pls(seed, tmp_path) for seed in range(6)]
-    measured = statistics.mean(m for m, _ in results)
-    expected = statistics.mean(e for _, e in results)
+    reports = [emulate("partial", seed, tmp_path, {}, interval_steps=40) for seed in range(6)]
+    measured = statistics.mean(r["pls_measured"] for r in reports)
+    expected = statistics.mean(r["pls_expected"] for r in reports)
     assert expected == pytest.approx(24 * 40 / (2 * 8 * 600))
     assert measured == pytest.approx(expected, rel=0.2)
 

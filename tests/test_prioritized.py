@@ -7,27 +7,18 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 
 from cpr import CPRCheckpointer, ClusterProfile
-from cpr.faults import FailureSchedule
 from cpr.planning import AccessProfile, plan_for_budget, plan_prioritized
 from cpr.policies.prioritized import CALIBRATION_SAMPLE, SSUPolicy
 from cpr.train import parse_args, run
 from tests.conftest import FEATURES
-from tests.test_checkpointer import make_batch
+from tests.test_checkpointer import emulate, make_batch, plain_ebc
 from tests.test_train import SMALL
 
 PRIORITIZED = ["mfu", "ssu", "scar"]
 PINNED = {"mfu": {"fraction": 0.1}, "scar": {"fraction": 0.1}, "ssu": {"sample_rate": 0.5}}
-
-
-def plain_ebc(rows: list[int], dim: int = 2) -> tuple[EmbeddingBagCollection, torch.optim.Optimizer]:
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f])
-        for i, (f, r) in enumerate(zip(FEATURES, rows))
-    ])
-    return ebc, torch.optim.Adagrad(ebc.parameters(), lr=0.1)
 
 
 def ebc_step(ebc, optimizer, ckpt: CPRCheckpointer, kjt: KeyedJaggedTensor):
@@ -193,22 +184,6 @@ def test_planner_budget_dual_stays_within_budget_and_beats_full_saves_alone():
         assert chosen.expected_pls < 400 / 2 / (profile.num_shards * profile.job_mtbf_hours / common["hours_per_step"])
     with pytest.raises(ValueError, match="does not fit one full save"):
         plan_for_budget("mfu", access, profile, 1.0, **common)
-
-
-def emulate(policy: str, seed: int, tmp_path, options: dict, steps: int = 600, failures: int = 24) -> dict:
-    """Observe-and-recover emulation on a plain EBC: lost updates are counted, no training needed."""
-    rows = [500, 300, 50]
-    ebc, optimizer = plain_ebc(rows)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / f"{policy}{seed}", policy=policy, num_shards=8, total_steps=steps,
-                           interval_steps=80, policy_options=options)
-    pending = list(FailureSchedule.from_profile(ckpt.profile, steps, seed=seed, count=failures))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ckpt.observe(make_batch(gen, 16, rows))
-        ckpt.step()
-        while pending and pending[0].step <= ckpt.global_step:
-            ckpt.recover([pending.pop(0).shard])
-    return ckpt.report()
 
 
 @pytest.mark.parametrize("policy, options", [
