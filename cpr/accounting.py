@@ -4,11 +4,16 @@ Time is accounted in emulated cluster hours: the run spans the emulated job, so 
 for `hours_per_step` of it, and each save, load and reschedule costs what the `ClusterProfile` says
 (scaled by the bytes actually moved, since a subset or a single shard moves less than the whole model).
 Real seconds measured on this machine are recorded beside them.
+
+In a multi-rank job every rank keeps its own ledger of what it counted (the row-updates its shards served,
+the bytes of its part of each save, the updates its rows lost) and `RunLedger.merged` adds them up in the
+same order on every rank, so the job's PLS is exact: lost row-updates over all row-updates of all ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,14 @@ class FailureEvent:
     restored_step: int
     lost_updates: int
     lost_steps: int
+    loaded_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class FailedSave:
+    step: int
+    kind: str
+    error: str
 
 
 @dataclass
@@ -55,7 +68,7 @@ class RunLedger:
     full_bytes: int
     checkpoints: list[CheckpointEvent] = field(default_factory=list)
     failures: list[FailureEvent] = field(default_factory=list)
-    overhead: Overhead = field(default_factory=Overhead)
+    failed_saves: list[FailedSave] = field(default_factory=list)
     total_updates: int = 0
 
     def record_updates(self, count: int) -> None:
@@ -67,13 +80,21 @@ class RunLedger:
 
     def record_save(self, step: int, kind: str, nbytes: int, seconds: float) -> None:
         self.checkpoints.append(CheckpointEvent(step, kind, nbytes, seconds))
-        self.overhead.save += self._scaled(self.save_hours_full, nbytes)
 
-    def record_failure(self, event: FailureEvent, loaded_bytes: int) -> None:
+    def record_failed_save(self, step: int, kind: str, error: str) -> None:
+        self.failed_saves.append(FailedSave(step, kind, error))
+
+    def record_failure(self, event: FailureEvent) -> None:
         self.failures.append(event)
-        self.overhead.load += self._scaled(self.load_hours_full, loaded_bytes)
-        self.overhead.lost_compute += event.lost_steps * self.hours_per_step
-        self.overhead.reschedule += self.reschedule_hours
+
+    @property
+    def overhead(self) -> Overhead:
+        return Overhead(
+            save=sum(self._scaled(self.save_hours_full, c.bytes) for c in self.checkpoints),
+            load=sum(self._scaled(self.load_hours_full, f.loaded_bytes) for f in self.failures),
+            lost_compute=sum(f.lost_steps for f in self.failures) * self.hours_per_step,
+            reschedule=len(self.failures) * self.reschedule_hours,
+        )
 
     @property
     def lost_updates(self) -> int:
@@ -88,17 +109,59 @@ class RunLedger:
     def bytes_written(self) -> int:
         return sum(c.bytes for c in self.checkpoints)
 
+    @classmethod
+    def merged(cls, ledgers: Sequence[RunLedger]) -> RunLedger:
+        """One ledger for the whole job from every rank's (same saves and failures, in the same order):
+        bytes, updates and losses add up, a save takes as long as its slowest part, `full_bytes` is the
+        whole model."""
+        first = ledgers[0]
+        if any(len(l.checkpoints) != len(first.checkpoints) or len(l.failures) != len(first.failures) for l in ledgers):
+            raise ValueError("ranks recorded different numbers of saves or failures")
+        return dataclasses.replace(
+            first,
+            full_bytes=sum(l.full_bytes for l in ledgers),
+            total_updates=sum(l.total_updates for l in ledgers),
+            checkpoints=[
+                dataclasses.replace(events[0], bytes=sum(e.bytes for e in events), seconds=max(e.seconds for e in events))
+                for events in zip(*(l.checkpoints for l in ledgers))
+            ],
+            failures=[
+                dataclasses.replace(events[0], lost_updates=sum(e.lost_updates for e in events),
+                                    loaded_bytes=sum(e.loaded_bytes for e in events),
+                                    restored_step=min(e.restored_step for e in events))
+                for events in zip(*(l.failures for l in ledgers))
+            ],
+            failed_saves=list(first.failed_saves),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record so far, as JSON-ready data (a resumed run continues it)."""
+        return {
+            "checkpoints": [asdict(c) for c in self.checkpoints],
+            "failures": [asdict(f) for f in self.failures],
+            "failed_saves": [asdict(f) for f in self.failed_saves],
+            "total_updates": self.total_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.checkpoints = [CheckpointEvent(**c) for c in state["checkpoints"]]
+        self.failures = [FailureEvent(**f) for f in state["failures"]]
+        self.failed_saves = [FailedSave(**f) for f in state["failed_saves"]]
+        self.total_updates = int(state["total_updates"])
+
     def summary(self) -> dict[str, Any]:
-        overhead = asdict(self.overhead)
-        overhead["total_hours"] = self.overhead.total
-        overhead["total_fraction"] = self.overhead.total / self.job_hours
+        overhead = self.overhead
+        out = asdict(overhead)
+        out["total_hours"] = overhead.total
+        out["total_fraction"] = overhead.total / self.job_hours
         return {
             "failures": [asdict(f) for f in self.failures],
             "checkpoints": [asdict(c) for c in self.checkpoints],
+            "failed_saves": [asdict(f) for f in self.failed_saves],
             "bytes_written": self.bytes_written,
             "bytes_per_hour": self.bytes_written / self.job_hours,
             "lost_updates": self.lost_updates,
             "total_updates": self.total_updates,
             "pls_measured": self.pls_measured,
-            "overhead": overhead,
+            "overhead": out,
         }

@@ -1,15 +1,23 @@
 """`CPRCheckpointer`: the façade that wires access tracking, a policy, storage and recovery.
 
-Data flows one way. Each batch goes to the access tracker (`observe`); after each step the policy decides
-whether and what to save (`step`), and the storage writes it. On a failure (`recover`) the policy's
-recovery kind decides what comes back: for `full`, every tensor, the step and the reader position of the
-last full save (the lost steps are then trained again); for `partial`, only the failed shards' rows and
-their optimizer state, composed row by row from the newest saves, while everything else goes on.
+Data flows one way. The rows each batch looks up go to the access tracker (from TorchRec's post-lookup
+hook for a sharded model, or `observe` for a plain one); after each step the policy decides whether and
+what to save (`step`); every process writes its domains' part of the save and the coordinator commits it.
+On a failure (`recover`) the policy's recovery kind decides what comes back: for `full`, every tensor, the
+step and the reader position of the last full save (the lost steps are then trained again); for
+`partial`, only the failed domains' rows and their optimizer state, composed row by row from the newest
+saves, while everything else goes on.
+
+In a multi-rank job every rank creates its own `CPRCheckpointer` and calls `step`, `recover` and `report`
+in the same order: they are collective (bounded by the coordinator's timeout).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -21,13 +29,29 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cpr import dense
 from cpr.accounting import FailureEvent, RunLedger
+from cpr.comm import Coordinator
 from cpr.planning import ClusterProfile, PlanResult, plan
 from cpr.policies import make_policy
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.shards import ShardLayout
-from cpr.storage import CheckpointStore, TableMeta, restore_rows
+from cpr.storage import (
+    DENSE_PART,
+    CheckpointMismatchError,
+    CheckpointStore,
+    CorruptCheckpointError,
+    LoadedPart,
+    PartContent,
+    SaveInfo,
+    SkippedSaveWarning,
+    TableMeta,
+    check_part_rows,
+    domain_part,
+    restore_domain,
+)
+from cpr.storage.names import ids_name, state_name, weight_name
 from cpr.tables import EmbeddingTables
 from cpr.tracking import AccessTracker
+from cpr.tracking.lookups import hook_served_lookups
 
 
 class RecoveryError(RuntimeError):
@@ -49,24 +73,17 @@ class RecoveryResult:
     failures: tuple[FailureEvent, ...] = field(default_factory=tuple)
 
 
-def _weight_name(table: str) -> str:
-    return f"emb/{table}/weight"
-
-
-def _state_name(table: str, state: str) -> str:
-    return f"emb/{table}/opt/{state}"
-
-
 class CPRCheckpointer:
-    """Checkpointing with partial recovery for a TorchRec model.
+    """Checkpointing with partial recovery for a TorchRec model, on one rank or many.
 
     Args:
         model: a DMP-wrapped model or a plain module holding `EmbeddingBagCollection`s.
         optimizer: the optimizer stepping the model (for DMP, the combined fused + dense optimizer).
-        directory: where saves go; created if missing, must be writable.
+        directory: where saves go (shared by every rank); created if missing, must be writable.
         policy: a policy name (`none`, `full`, `partial`, `mfu`, `ssu`, `scar`) or a `CheckpointPolicy`.
-        num_shards: failure domains; every table's rows are split into this many contiguous ranges
-            (default: the profile's shard count).
+        num_shards: failure domains of a one-process run, emulated by splitting every table's rows into
+            this many contiguous ranges (default: the profile's). In a multi-rank job the domains are the
+            ranks and this must be None or the world size.
         target_pls: the expected portion of lost samples that partial recovery may cost.
         profile: the cluster the run emulates (failure rate, save/load/reschedule costs).
         total_steps: the run's length in steps; the run spans `profile.job_hours` of emulated time.
@@ -76,6 +93,7 @@ class CPRCheckpointer:
         policy_options: extra settings for the prioritized policies (see `cpr.policies.make_policy`).
         resume: continue a run that died (a real crash, not an emulated failure): everything, including
             `global_step` and the reader, starts from the newest loadable full save in `directory`, if any.
+        coordinator: the ranks' collectives (default: from the initialised process group, if any).
     """
 
     def __init__(
@@ -93,17 +111,27 @@ class CPRCheckpointer:
         keep_last: int = 3,
         policy_options: Mapping[str, Any] | None = None,
         resume: bool = False,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
         self.model = model
         self.optimizer = optimizer
         self.reader = reader
-        self.profile = profile or ClusterProfile.preset("production")
-        if num_shards is not None:
-            self.profile = dataclasses.replace(self.profile, num_shards=num_shards)
+        self.coordinator = coordinator or Coordinator()
         self.tables = EmbeddingTables(model, optimizer)
-        self.layout = ShardLayout.virtual(self.tables.tables, self.profile.num_shards)
+        self.profile = profile or ClusterProfile.preset("production")
+        world = self.coordinator.world_size
+        if world > 1:
+            if num_shards not in (None, world):
+                raise ValueError(f"num_shards={num_shards}: in a {world}-rank job the failure domains are the "
+                                 f"{world} ranks (emulated row-range shards are for one-process runs)")
+            self.layout = ShardLayout.ranks(self.tables.tables, self.coordinator.rank, world)
+        else:
+            if num_shards is not None:
+                self.profile = dataclasses.replace(self.profile, num_shards=num_shards)
+            self.layout = ShardLayout.virtual(self.tables.tables, self.profile.num_shards)
+        self.profile = dataclasses.replace(self.profile, num_shards=self.layout.num_shards)
         self.plan: PlanResult = plan(self.profile, target_pls)
         self.total_steps = total_steps
         self.hours_per_step = self.profile.job_hours / total_steps
@@ -123,96 +151,162 @@ class CPRCheckpointer:
             layout=self.layout,
             tables=self.tables,
             options=dict(policy_options or {}),
+            coordinator=self.coordinator,
         )
         self.policy = policy if isinstance(policy, CheckpointPolicy) else make_policy(policy, context)
-        self.store = CheckpointStore(directory, keep_last=keep_last)
-        full_bytes = self.tables.nbytes() + sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
+        # Sharded models report the rows each rank's shards serve; plain modules are observed per batch.
+        self._hooked = hook_served_lookups(model, self._record_lookups)
+        self.store = CheckpointStore(directory, keep_last=keep_last, coordinator=self.coordinator.is_coordinator)
+        # Every rank stages its parts of a save in the same folder; the token names this run's.
+        self._token = self.coordinator.broadcast(uuid.uuid4().hex[:12])
+        self._table_meta = {
+            name: TableMeta(rows=info.local_rows, dim=info.dim, dtype=str(self.tables.weight(name).dtype).removeprefix("torch."))
+            for name, info in self.tables.tables.items()
+        }
+        own_bytes = self.tables.nbytes()
+        if self.coordinator.is_coordinator:
+            own_bytes += sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
         self.ledger = RunLedger(
             hours_per_step=self.hours_per_step,
             job_hours=self.profile.job_hours,
             save_hours_full=self.profile.save_seconds / 3600,
             load_hours_full=self.profile.load_seconds / 3600,
             reschedule_hours=self.profile.reschedule_seconds / 3600,
-            full_bytes=full_bytes,
+            full_bytes=own_bytes,
         )
-        self._table_meta = {
-            name: TableMeta(rows=info.local_rows, dim=info.dim, dtype=str(self.tables.weight(name).dtype).removeprefix("torch."))
-            for name, info in self.tables.tables.items()
-        }
         self.global_step = 0
-        if resume and self._rollback() is not None:
+        if resume and self._rollback(self.store.saves()) is not None:
             return
         if self.policy.recovery != "none":
-            # A failure before the first periodic save must still find the shard's rows somewhere.
+            # A failure before the first periodic save must still find the domain's rows somewhere.
             self._save(SavePlan("full", reason="initial state"))
 
     # -- training-loop hooks ---------------------------------------------------------------------------
     def observe(self, batch: Batch | KeyedJaggedTensor) -> None:
-        """Record the embedding rows a batch looks up (call once per batch, before or after its step)."""
-        kjt = batch.sparse_features if isinstance(batch, Batch) else batch
+        """Record the embedding rows a batch looks up (call once per batch, before or after its step).
+
+        A DMP model needs no call: its sharded lookups report the rows each rank serves as they run, so
+        this returns at once.
+        """
+        if self._hooked:
+            return
+        self._record_lookups(batch.sparse_features if isinstance(batch, Batch) else batch)
+
+    def _record_lookups(self, kjt: KeyedJaggedTensor) -> None:
         self.tracker.observe(kjt)
         self.policy.observe(kjt)
         self.ledger.record_updates(int(kjt.values().numel()))
 
     def step(self) -> SavePlan | None:
-        """Count one finished training step and save if the policy says so; returns what was saved."""
+        """Count one finished training step and save if the policy says so; returns what was saved, or
+        None (also when the save failed: it is reported and the next one retries)."""
         self.global_step += 1
         decision = self.policy.decide(self.global_step)
-        if decision is not None:
-            self._save(decision)
-        return decision
+        if decision is not None and self._save(decision):
+            return decision
+        return None
 
     # -- saving -----------------------------------------------------------------------------------------
-    def _full_tensors(self) -> dict[str, torch.Tensor]:
+    def _domain_part(self, domain: int, decision: SavePlan) -> PartContent | None:
+        """Domain `domain`'s rows (all of them, or the decision's subset) with their row-wise state."""
         tensors: dict[str, torch.Tensor] = {}
+        tables: dict[str, TableMeta] = {}
+        rows: dict[str, tuple[int, int]] = {}
         for table in self.tables.tables:
-            tensors[_weight_name(table)] = self.tables.weight(table)
-            for state, value in self.tables.row_states(table).items():
-                tensors[_state_name(table, state)] = value
-        tensors.update(dense.capture(self.model, self.optimizer, self.tables))
-        return tensors
-
-    def _subset_tensors(self, rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for table, ids in rows.items():
-            if ids.numel() == 0:
+            start, end = self.layout.rows(table, domain)
+            if start == end:
                 continue
-            ids = ids.to(torch.int64)
-            tensors[f"emb/{table}/ids"] = ids
-            tensors[_weight_name(table)] = self.tables.weight(table).index_select(0, ids)
-            for state, value in self.tables.row_states(table).items():
-                tensors[_state_name(table, state)] = value.index_select(0, ids)
-        return tensors
+            weight, states = self.tables.weight(table), self.tables.row_states(table)
+            if decision.kind == "full":
+                tensors[weight_name(table)] = weight[start:end]
+                tensors.update({state_name(table, s): v[start:end] for s, v in states.items()})
+            else:
+                ids = decision.rows.get(table)
+                if ids is None:
+                    continue
+                ids = ids.to(torch.int64)
+                ids = ids[(ids >= start) & (ids < end)]
+                if ids.numel() == 0:
+                    continue
+                tensors[ids_name(table)] = ids - start
+                tensors[weight_name(table)] = weight.index_select(0, ids)
+                tensors.update({state_name(table, s): v.index_select(0, ids) for s, v in states.items()})
+            tables[table] = dataclasses.replace(self._table_meta[table], rows=end - start)
+            rows[table] = self.layout.global_rows(table, domain)
+        if decision.kind == "subset" and not tensors:
+            return None
+        return PartContent(tensors, tables, rows)
 
-    def _save(self, decision: SavePlan) -> None:
+    def _parts(self, decision: SavePlan) -> dict[str, PartContent]:
+        parts = {}
+        for domain in self.layout.local:
+            content = self._domain_part(domain, decision)
+            if content is not None:
+                parts[domain_part(domain)] = content
+        if decision.kind == "full" and self.coordinator.is_coordinator:
+            parts[DENSE_PART] = PartContent(dense.capture(self.model, self.optimizer, self.tables))
+        return parts
+
+    def _save(self, decision: SavePlan) -> bool:
+        """Write this process's parts, commit when every rank's are durable; False if the save failed."""
         start = time.perf_counter()
-        if decision.kind == "full":
-            tensors = self._full_tensors()
-        else:
-            tensors = self._subset_tensors(decision.rows)
-        record = self.store.save(
-            step=self.global_step,
-            kind=decision.kind,
-            policy=self.policy.name,
-            tensors=tensors,
-            tables=self._table_meta,
-            shards=self.layout.to_json(),
-            extra={"reader": self.reader.state_dict() if self.reader is not None else None, "reason": decision.reason},
-        )
-        if decision.kind == "full":
+        step, kind = self.global_step, decision.kind
+        parts = self._parts(decision)
+        records, error, staging = {}, None, None
+        if parts or self.coordinator.world_size > 1:
+            try:
+                staging = self.store.stage(step, kind, self._token)
+                for name, content in parts.items():
+                    records[name] = self.store.write_part(staging, name, step, kind, self.policy.name, content)
+            except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
+                error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
+        gathered = self.coordinator.all_gather((records, error))
+        errors = [e for _, e in gathered if e]
+        if kind == "subset" and not errors and not any(r for r, _ in gathered):
+            if self.coordinator.is_coordinator and staging is not None:
+                self.store.abandon(staging)
+            return False  # no rank had a row to save: nothing to commit
+        outcome: str | None = None
+        if self.coordinator.is_coordinator:
+            if errors:
+                if staging is not None:
+                    self.store.abandon(staging)
+                outcome = errors[0]
+            else:
+                try:
+                    self.store.commit(
+                        staging, step, kind, self.policy.name, {k: v for r, _ in gathered for k, v in r.items()},
+                        world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
+                        num_domains=self.layout.num_shards,
+                        extra={"reader": self.reader.state_dict() if self.reader is not None else None,
+                               "reason": decision.reason},
+                    )
+                except OSError as err:
+                    outcome = f"commit: {type(err).__name__}: {err}"
+        outcome = self.coordinator.broadcast(outcome)
+        if outcome is not None:
+            self.ledger.record_failed_save(step, kind, outcome)
+            if self.coordinator.is_coordinator:
+                print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
+                      "goes on and the next save retries", file=sys.stderr)
+            return False
+        if kind == "full":
             for table in self.tables.tables:
                 self.tracker.mark_saved(table)
         else:
             for table, ids in decision.rows.items():
-                self.tracker.mark_saved(table, rows=ids)
+                if table in self.tables.tables:
+                    self.tracker.mark_saved(table, rows=ids)
         self.policy.after_save(decision)
-        self.ledger.record_save(self.global_step, decision.kind, record.nbytes, time.perf_counter() - start)
+        self.ledger.record_save(step, kind, sum(r.nbytes for r in records.values()), time.perf_counter() - start)
+        return True
 
     # -- recovery ---------------------------------------------------------------------------------------
     def recover(self, failed_shards: Sequence[int]) -> RecoveryResult:
-        """Recover from the failure of `failed_shards` as the policy prescribes.
+        """Recover from the failure of `failed_shards` (domains: ranks, or emulated shards) as the policy
+        prescribes. Collective: every rank calls it with the same domains.
 
-        `partial`: each failed shard's rows and optimizer state get their newest saved version; nothing
+        `partial`: each failed domain's rows and optimizer state get their newest saved version; nothing
         else changes and training goes on at the same step. `full`: everything returns to the last full
         save, including the step and the reader; the caller re-creates its batch iterator and trains the
         lost steps again.
@@ -221,73 +315,142 @@ class CPRCheckpointer:
             self.layout.check(shard)
         if self.policy.recovery == "none":
             raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint, so shard failures cannot be recovered")
+        saves = self.store.saves()  # every commit record parsed once per recovery
         if self.policy.recovery == "full":
-            return self._recover_full(failed_shards)
-        return self._recover_partial(failed_shards)
+            return self._recover_full(failed_shards, saves)
+        return self._recover_partial(failed_shards, saves)
 
-    def _rollback(self) -> tuple[int, int] | None:
-        """Return everything to the newest loadable full save; (its step, bytes read), or None if none."""
-        loaded = self.store.latest_loadable(kind="full")
-        if loaded is None:
-            return None
-        manifest, tensors = loaded.manifest, loaded.tensors
-        self._apply_full_tensors(tensors)
-        self.store.discard_after(manifest.step)  # saves past the rollback point describe a future that is gone
-        if self.reader is not None and manifest.extra.get("reader") is not None:
-            self.reader.load_state_dict(manifest.extra["reader"])
-        self.global_step = manifest.step
-        for table in self.tables.tables:
-            self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
-        return manifest.step, sum(t.nbytes for t in tensors.values())
+    def _load_full(self, save: SaveInfo) -> dict[str, LoadedPart]:
+        """This process's domain parts and the dense part of one full save, checked against this job."""
+        if (save.world_size, save.domain_mode, save.num_domains) != (self.coordinator.world_size, self.layout.mode,
+                                                                      self.layout.num_shards):
+            raise CheckpointMismatchError(
+                f"{save.folder} was written by a job with world size {save.world_size} and {save.num_domains} "
+                f"{save.domain_mode} domains; this job has world size {self.coordinator.world_size} and "
+                f"{self.layout.num_shards} {self.layout.mode} domains")
+        loaded = {}
+        for domain in self.layout.local:
+            part = domain_part(domain)
+            loaded[part] = self.store.load_part(save, part)
+            check_part_rows(loaded[part], {t: self.layout.global_rows(t, domain) for t in self.tables.tables
+                                           if self.layout.rows(t, domain)[1] > self.layout.rows(t, domain)[0]})
+        loaded[DENSE_PART] = self.store.load_part(save, DENSE_PART)
+        return loaded
 
-    def _recover_full(self, failed_shards: Sequence[int]) -> RecoveryResult:
+    def _rollback(self, saves: Sequence[SaveInfo]) -> tuple[int, int] | None:
+        """Return everything to the newest full save every rank can load; (its step, bytes read here), or
+        None if there is no full save at all."""
+        fulls = [s for s in saves if s.kind == "full"]
+        skipped = []
+        for save in reversed(fulls):
+            loaded, problem, mismatch = None, None, None
+            try:
+                loaded = self._load_full(save)
+            except CheckpointMismatchError as err:
+                mismatch = str(err)
+            except (CorruptCheckpointError, KeyError) as err:
+                problem = str(err)
+            statuses = self.coordinator.all_gather((problem, mismatch))
+            mismatches = [m for _, m in statuses if m]
+            if mismatches:
+                raise CheckpointMismatchError(mismatches[0])
+            problems = [p for p, _ in statuses if p]
+            if problems:
+                warnings.warn(f"skipping save, falling back to an older one: {problems[0]}", SkippedSaveWarning, stacklevel=3)
+                skipped.append(save.folder.name)
+                continue
+            self._apply_full(loaded)
+            if self.reader is not None and save.extra.get("reader") is not None:
+                self.reader.load_state_dict(save.extra["reader"])
+            self.global_step = save.step
+            for table in self.tables.tables:
+                self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
+            self.coordinator.all_gather(None)  # every rank has read the save before any newer one is removed
+            if self.coordinator.is_coordinator:
+                self.store.discard_after(save.step)  # saves past the rollback point describe a future that is gone
+            return save.step, sum(part.bytes_read for part in loaded.values())
+        if skipped:
+            raise CorruptCheckpointError(self.store.directory, ", ".join(skipped), "no loadable full save remains")
+        return None
+
+    def _apply_full(self, loaded: Mapping[str, LoadedPart]) -> None:
+        with torch.no_grad():
+            for domain in self.layout.local:
+                tensors = loaded[domain_part(domain)].tensors
+                for table in self.tables.tables:
+                    start, end = self.layout.rows(table, domain)
+                    if start == end:
+                        continue
+                    self.tables.weight(table)[start:end].copy_(tensors[weight_name(table)])
+                    for state, value in self.tables.row_states(table).items():
+                        value[start:end].copy_(tensors[state_name(table, state)])
+        dense.restore(loaded[DENSE_PART].tensors, self.model, self.optimizer, self.tables)
+
+    def _recover_full(self, failed_shards: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult:
         failed_at = self.global_step
-        rolled_back = self._rollback()
+        rolled_back = self._rollback(saves)
         if rolled_back is None:
             raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
         step, loaded_bytes = rolled_back
         events = tuple(
-            FailureEvent(failed_at, shard, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0)
+            FailureEvent(failed_at, shard, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0,
+                         loaded_bytes=loaded_bytes if i == 0 else 0)
             for i, shard in enumerate(failed_shards)
         )
-        for i, event in enumerate(events):
-            self.ledger.record_failure(event, loaded_bytes=loaded_bytes if i == 0 else 0)
+        for event in events:
+            self.ledger.record_failure(event)
         return RecoveryResult("full", self.global_step, events)
 
-    def _recover_partial(self, failed_shards: Sequence[int]) -> RecoveryResult:
+    def _restore_domain(self, shard: int, saves: Sequence[SaveInfo]) -> tuple[int, int, int]:
+        """Reload domain `shard`'s newest saved rows here; (lost updates, oldest restored step, bytes read)."""
+        held = {t: self.layout.rows(t, shard) for t in self.tables.tables}
+        held = {t: r for t, r in held.items() if r[1] > r[0]}
+        restored = restore_domain(
+            self.store, saves, domain_part(shard),
+            rows={t: self.layout.global_rows(t, shard) for t in held},
+            state_names={t: list(self.tables.row_states(t)) for t in held},
+        )
+        lost, oldest = 0, self.global_step
+        with torch.no_grad():
+            for table, (start, end) in held.items():
+                lost += int(self.tracker.counts(table)[start:end].sum())
+                rows = restored.rows[table]
+                self.tables.weight(table)[start:end].copy_(rows["weight"])
+                for state, value in self.tables.row_states(table).items():
+                    value[start:end].copy_(rows[f"opt/{state}"])
+                oldest = min(oldest, int(restored.saved_step[table].min()))
+                self.tracker.mark_saved(table, row_range=(start, end))
+        return lost, oldest, restored.bytes_read
+
+    def _recover_partial(self, failed_shards: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult:
         events = []
         for shard in failed_shards:
-            loaded = 0
-            lost = 0
-            oldest = self.global_step
-            for table in self.tables.tables:
-                start, end = self.layout.rows(table, shard)
-                if start == end:
-                    continue
-                live_states = self.tables.row_states(table)
-                restored = restore_rows(self.store, table, (start, end), list(live_states))
-                lost += int(self.tracker.counts(table)[start:end].sum())
-                with torch.no_grad():
-                    self.tables.weight(table)[start:end].copy_(restored["weight"])
-                    for state, value in live_states.items():
-                        value[start:end].copy_(restored[f"opt/{state}"])
-                loaded += sum(t.nbytes for name, t in restored.items() if name != "saved_step")
-                oldest = min(oldest, int(restored["saved_step"].min()))
-                self.tracker.mark_saved(table, row_range=(start, end))
-            event = FailureEvent(self.global_step, shard, "partial", oldest, lost_updates=lost, lost_steps=0)
-            self.ledger.record_failure(event, loaded_bytes=loaded)
+            outcome, problem = (0, self.global_step, 0), None
+            if shard in self.layout.local:
+                try:
+                    outcome = self._restore_domain(shard, saves)
+                except (CorruptCheckpointError, FileNotFoundError, CheckpointMismatchError) as err:
+                    problem = str(err)
+            problems = [p for p in self.coordinator.all_gather(problem) if p]
+            if problems:
+                raise RecoveryError(f"shard {shard} cannot be restored: {problems[0]}")
+            lost, oldest, loaded = outcome
+            event = FailureEvent(self.global_step, shard, "partial", oldest, lost_updates=lost, lost_steps=0,
+                                 loaded_bytes=loaded)
+            self.ledger.record_failure(event)
             events.append(event)
         return RecoveryResult("partial", self.global_step, tuple(events))
 
-    def _apply_full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for table in self.tables.tables:
-                self.tables.weight(table).copy_(tensors[_weight_name(table)])
-                for state, value in self.tables.row_states(table).items():
-                    value.copy_(tensors[_state_name(table, state)])
-        dense.restore(tensors, self.model, self.optimizer, self.tables)
-
     # -- Stateful ---------------------------------------------------------------------------------------
+    def _full_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for table in self.tables.tables:
+            tensors[weight_name(table)] = self.tables.weight(table)
+            for state, value in self.tables.row_states(table).items():
+                tensors[state_name(table, state)] = value
+        tensors.update(dense.capture(self.model, self.optimizer, self.tables))
+        return tensors
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a restart needs: rows, row-wise and dense optimizer state, RNG, step, reader, tracker.
 
@@ -301,7 +464,13 @@ class CPRCheckpointer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._apply_full_tensors(state["tensors"])
+        tensors = state["tensors"]
+        with torch.no_grad():
+            for table in self.tables.tables:
+                self.tables.weight(table).copy_(tensors[weight_name(table)])
+                for name, value in self.tables.row_states(table).items():
+                    value.copy_(tensors[state_name(table, name)])
+        dense.restore(tensors, self.model, self.optimizer, self.tables)
         self.global_step = int(state["step"])
         if self.reader is not None and state.get("reader"):
             self.reader.load_state_dict(dict(state["reader"]))
@@ -309,17 +478,22 @@ class CPRCheckpointer:
 
     # -- reporting --------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        """The run's accounting: saves, failures, bytes, PLS (expected and measured), overhead."""
-        summary = self.ledger.summary()
+        """The job's accounting: saves, failures, bytes, PLS (expected and measured), overhead. Collective:
+        every rank's counts are added up, so every rank gets the same report."""
+        ledger = RunLedger.merged(self.coordinator.all_gather(self.ledger))
+        summary = ledger.summary()
         summary["policy"] = self.policy.name
         summary["policy_settings"] = self.policy.settings()
+        summary["world_size"] = self.coordinator.world_size
+        summary["domains"] = self.layout.mode
+        summary["domains_description"] = self.layout.describe()
         summary["num_shards"] = self.layout.num_shards
         summary["pls_expected"] = (
-            self.policy.expected_pls(len(self.ledger.failures), self.layout.num_shards, self.total_steps)
+            self.policy.expected_pls(len(ledger.failures), self.layout.num_shards, self.total_steps)
             if self.policy.recovery == "partial"
             else 0.0
         )
         summary["plan"] = dataclasses.asdict(self.plan)
-        summary["tracking_bytes"] = self.tracker.memory_bytes()
-        summary["policy_memory_bytes"] = self.policy.memory_bytes()
+        summary["tracking_bytes"] = self.coordinator.sum(self.tracker.memory_bytes())
+        summary["policy_memory_bytes"] = self.coordinator.sum(self.policy.memory_bytes())
         return summary

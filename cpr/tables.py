@@ -35,16 +35,27 @@ class TableInfo:
     state_key: str
 
 
-def _local_tensor(value: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The local rows of a (possibly sharded) tensor and their offset in the global table."""
+class UnsupportedShardingError(ValueError):
+    """A sharding plan CPR cannot checkpoint row by row (column-wise shards)."""
+
+
+def _local_tensor(value: torch.Tensor, table: str = "") -> tuple[torch.Tensor, int] | None:
+    """The local rows of a (possibly sharded) tensor and their offset in the global table; None when this
+    rank holds no shard of it (table-wise sharding puts whole tables on other ranks)."""
     if isinstance(value, ShardedTensor):
         shards = value.local_shards()
-        if len(shards) != 1:
-            raise NotImplementedError(f"CPR needs exactly one local shard per table, found {len(shards)}")
+        if not shards:
+            return None
+        if len(shards) > 1:
+            raise UnsupportedShardingError(
+                f"table {table!r} has {len(shards)} shards on this rank: CPR supports table-wise, row-wise and "
+                "table-row-wise plans (one row slice of a table per rank), not column-wise ones")
         offsets = shards[0].metadata.shard_offsets
         row_offset = offsets[0]
         if value.dim() > 1 and (offsets[1] != 0 or shards[0].tensor.shape[-1] != value.size(-1)):
-            raise NotImplementedError("column-wise sharded tables are not supported by CPR: a shard must own whole rows")
+            raise UnsupportedShardingError(
+                f"table {table!r} is sharded column-wise: CPR restores whole rows, so every shard must hold "
+                "all columns of its rows (use a table-wise or row-wise plan)")
         return shards[0].tensor, int(row_offset)
     return value, 0
 
@@ -65,7 +76,8 @@ class EmbeddingTables:
     """The embedding tables of a model, with live weight and row-wise optimizer-state views.
 
     Works with a DMP-wrapped model (fused kernel, in-backward optimizer) and with a plain module whose
-    `EmbeddingBagCollection` parameters are stepped by `optimizer`.
+    `EmbeddingBagCollection` parameters are stepped by `optimizer`. Only tables this rank holds rows of
+    are listed: in a multi-rank job a rank may hold no table at all.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -74,12 +86,16 @@ class EmbeddingTables:
         feature_map = _feature_map(model)
         tables: dict[str, TableInfo] = {}
         self._weights: dict[str, torch.Tensor] = {}
-        for key, value in model.state_dict().items():
+        state = model.state_dict()
+        for key, value in state.items():
             match = _WEIGHT_KEY.search(key)
             if match is None:
                 continue
             name = match.group(1)
-            local, row_offset = _local_tensor(value)
+            found = _local_tensor(value, name)
+            if found is None:
+                continue
+            local, row_offset = found
             rows = value.size(0)
             tables[name] = TableInfo(
                 name=name,
@@ -92,7 +108,7 @@ class EmbeddingTables:
             )
             # The views stay valid for the model's life: fbgemm and nn.Parameter update in place.
             self._weights[name] = local
-        if not tables:
+        if not any(_WEIGHT_KEY.search(key) for key in state):
             raise ValueError("the model holds no EmbeddingBagCollection tables for CPR to checkpoint")
         self.tables: dict[str, TableInfo] = tables
         self._params = dict(model.named_parameters())
@@ -112,9 +128,9 @@ class EmbeddingTables:
         for name, info in self.tables.items():
             prefix = f"{name}."
             out[name] = {
-                key.removeprefix(prefix): _local_tensor(value)[0]
+                key.removeprefix(prefix): _local_tensor(value, name)[0]
                 for key, value in state.get(info.state_key, {}).items()
-                if isinstance(value, torch.Tensor)
+                if isinstance(value, torch.Tensor) and _local_tensor(value, name) is not None
             }
         return out
 

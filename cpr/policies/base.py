@@ -14,6 +14,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 if TYPE_CHECKING:
+    from cpr.comm import Coordinator
     from cpr.planning import ClusterProfile, PlanResult
     from cpr.shards import ShardLayout
     from cpr.tables import EmbeddingTables
@@ -54,6 +55,7 @@ class PolicyContext:
     layout: "ShardLayout"
     tables: "EmbeddingTables"
     options: Mapping[str, Any] = field(default_factory=dict)
+    coordinator: "Coordinator | None" = None  # plans that must agree across ranks gather through it
 
     def steps(self, hours: float) -> int:
         """An interval in emulated hours as a whole number of steps (at least one)."""

@@ -88,9 +88,9 @@ class PrioritizedPolicy(CheckpointPolicy):
         if since_full >= self.full_interval_steps:
             return SavePlan("full", reason=f"every {self.full_interval_steps} steps")
         if self.subset_interval_steps and since_full % self.subset_interval_steps == 0:
-            rows = self.select_rows()
-            if rows:
-                return SavePlan("subset", rows=rows, reason=f"{self.name} rows every {self.subset_interval_steps} steps")
+            # Returned even when empty here: in a multi-rank job the save is collective and other ranks
+            # may have rows to save; the checkpointer skips a subset that is empty everywhere.
+            return SavePlan("subset", rows=self.select_rows(), reason=f"{self.name} rows every {self.subset_interval_steps} steps")
         return None
 
     def after_save(self, plan: SavePlan) -> None:
@@ -101,15 +101,16 @@ class PrioritizedPolicy(CheckpointPolicy):
         ctx = self.context
         knob = self.pinned.get(self.knob_option)
         subset = self.pinned.get("subset_interval_steps")
+        access, full_bytes, row_bytes = self._job_access(max(1, window))
         self.plan = plan_prioritized(
             self.name,
-            self.access_profile(max(1, window)),
+            access,
             ctx.profile,
             ctx.target_pls,
             ctx.hours_per_step,
             ctx.total_steps,
-            full_bytes=ctx.tables.nbytes(),
-            row_bytes=subset_row_bytes(ctx.tables),
+            full_bytes=full_bytes,
+            row_bytes=row_bytes,
             knobs=None if knob is None else [knob],
             subset_intervals=None if subset is None else [subset],
             full_interval_steps=self.pinned.get("full_interval_steps"),
@@ -117,6 +118,25 @@ class PrioritizedPolicy(CheckpointPolicy):
         self.full_interval_steps = self.plan.full_interval_steps
         self.subset_interval_steps = self.plan.subset_interval_steps
         self.apply_plan(self.plan)
+
+    def _job_access(self, window: int) -> tuple[AccessProfile, int, dict[str, int]]:
+        """The whole job's access profile, model bytes and subset bytes per row of each table.
+
+        In a multi-rank job every rank measured only its own rows; planning from all of them gathered in
+        rank order gives every rank the same plan, so their saves stay in step.
+        """
+        ctx = self.context
+        coordinator = ctx.coordinator
+        if coordinator is None or coordinator.world_size == 1:
+            return self.access_profile(window), ctx.tables.nbytes(), subset_row_bytes(ctx.tables)
+        try:
+            groups = [g for g in self.access_profile(window).groups if g.rows > 0]
+        except ValueError:
+            groups = []  # this rank's rows saw no access in the window; the others' decide the plan
+        gathered = coordinator.all_gather((groups, ctx.tables.nbytes(), subset_row_bytes(ctx.tables)))
+        access = AccessProfile([g for rank_groups, _, _ in gathered for g in rank_groups], window)
+        row_bytes = {table: n for _, _, per_table in gathered for table, n in per_table.items()}
+        return access, sum(n for _, n, _ in gathered), row_bytes
 
     @abstractmethod
     def access_profile(self, window: int) -> AccessProfile:

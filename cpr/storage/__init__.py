@@ -1,18 +1,38 @@
-"""Crash-consistent checkpoint folders: raw tensor files described by a JSON manifest."""
-from .compose import restore_rows
+"""Crash-consistent multi-part checkpoint folders: raw tensor files described by JSON manifests, one
+commit record per save."""
+from .compose import CheckpointMismatchError, RestoredDomain, check_part_rows, load_newest, restore_domain
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .manifest import Manifest, TableMeta, TensorEntry
-from .store import CheckpointStore, LoadedSave, SaveRecord, SkippedSaveWarning
+from .store import (
+    DENSE_PART,
+    CheckpointStore,
+    LoadedPart,
+    PartContent,
+    PartRecord,
+    SaveInfo,
+    SaveRecord,
+    SkippedSaveWarning,
+    domain_part,
+)
 
 __all__ = [
+    "DENSE_PART",
+    "CheckpointMismatchError",
     "CheckpointStore",
     "CorruptCheckpointError",
-    "LoadedSave",
+    "LoadedPart",
     "Manifest",
+    "PartContent",
+    "PartRecord",
+    "RestoredDomain",
+    "SaveInfo",
     "SaveRecord",
     "SkippedSaveWarning",
     "TableMeta",
     "TensorEntry",
     "UnwritableDirectoryError",
-    "restore_rows",
+    "check_part_rows",
+    "domain_part",
+    "load_newest",
+    "restore_domain",
 ]

@@ -1,64 +1,104 @@
-"""Row composition: the newest saved version of each row of a table range, across full and subset saves.
+"""Row composition: the newest saved version of each row of one failure domain, across full and subset saves.
 
-Partial recovery reloads a failed shard's rows. With subset (delta) saves between full saves, a row's
-newest version lives in the latest loadable full save or in any later subset save that wrote it; later
-subsets override earlier ones row by row.
+Partial recovery reloads a failed domain's rows. Its newest version of a row lives in the latest loadable
+full save or in any later subset save that wrote it; later subsets override earlier ones row by row. Only
+the domain's own part of each save is read, and each commit record is parsed once per recovery (the
+caller lists the saves once and passes them in).
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .errors import CorruptCheckpointError
-from .store import CheckpointStore, SkippedSaveWarning
+from .names import ids_name, state_name, weight_name
+from .store import CheckpointStore, LoadedPart, SaveInfo, SkippedSaveWarning
 
 
-def restore_rows(
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by a job of another shape (world size, sharding plan, tables)."""
+
+
+@dataclass
+class RestoredDomain:
+    """A domain's newest saved rows: `rows[table]` maps `weight` and `opt/<state>` to tensors over the
+    domain's rows of the table; `saved_step[table]` is the step of the save each row came from."""
+
+    rows: dict[str, dict[str, torch.Tensor]]
+    saved_step: dict[str, torch.Tensor]
+    base_step: int
+    bytes_read: int
+
+
+def check_part_rows(loaded: LoadedPart, expected: Mapping[str, tuple[int, int]]) -> None:
+    """The part holds exactly the tables and global rows this process holds for the domain."""
+    found = {table: tuple(ranges[0]) for table, ranges in loaded.manifest.shards.items() if ranges}
+    wanted = {table: tuple(rows) for table, rows in expected.items()}
+    if found != wanted:
+        differ = sorted(set(found.items()) ^ set(wanted.items()))[:3]
+        raise CheckpointMismatchError(
+            f"{loaded.manifest.folder} holds other rows than this job's domain (table, global rows) "
+            f"differ: {differ}: the checkpoint was written with another sharding plan or world size")
+
+
+def load_newest(store: CheckpointStore, saves: Sequence[SaveInfo], part: str) -> tuple[SaveInfo, LoadedPart]:
+    """The newest full save whose `part` loads and verifies, falling back past corrupt ones with a warning."""
+    skipped = []
+    for save in reversed([s for s in saves if s.kind == "full" and part in s.parts]):
+        try:
+            return save, store.load_part(save, part)
+        except CorruptCheckpointError as e:
+            warnings.warn(f"skipping save, falling back to an older one: {e}", SkippedSaveWarning, stacklevel=2)
+            skipped.append(save.folder.name)
+    if skipped:
+        raise CorruptCheckpointError(store.directory, ", ".join(skipped), f"no loadable {part} remains")
+    raise FileNotFoundError(f"no full save in {store.directory} holds {part}")
+
+
+def restore_domain(
     store: CheckpointStore,
-    table: str,
-    row_range: tuple[int, int],
-    state_names: Sequence[str] = (),
-) -> dict[str, torch.Tensor]:
-    """Newest saved rows [start, end) of `table`.
+    saves: Sequence[SaveInfo],
+    part: str,
+    rows: Mapping[str, tuple[int, int]],
+    state_names: Mapping[str, Sequence[str]],
+) -> RestoredDomain:
+    """Newest saved rows of the domain whose part is `part`.
 
-    Returns `weight` [n, dim], `opt/<state>` for each of `state_names`, and `saved_step` (int64 [n]): the
-    step of the save each row came from, so the caller can count the updates a row lost. A corrupt full
-    save falls back to the previous full save; a corrupt (or incomplete) subset save is skipped, its rows
-    coming from older saves. Both warn with SkippedSaveWarning.
+    `rows[table]` are the global rows the domain holds of each table (checked against the save),
+    `state_names[table]` the row-wise optimizer states to restore. A corrupt full save falls back to the
+    previous full save; a corrupt subset save is skipped, its rows coming from older saves. Both warn with
+    SkippedSaveWarning.
     """
-    start, end = row_range
-    if not 0 <= start < end:
-        raise ValueError(f"row_range must satisfy 0 <= start < end, got [{start}, {end})")
-    prefix = f"emb/{table}/"
-    parts = ["weight"] + [f"opt/{state}" for state in state_names]
+    base_save, base = load_newest(store, saves, part)
+    check_part_rows(base, rows)
+    bytes_read = base.bytes_read
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    saved_step: dict[str, torch.Tensor] = {}
+    names: dict[str, dict[str, str]] = {}
+    for table in rows:
+        names[table] = {"weight": weight_name(table), **{f"opt/{s}": state_name(table, s) for s in state_names.get(table, ())}}
+        out[table] = {what: base.tensors[name] for what, name in names[table].items()}
+        saved_step[table] = torch.full((out[table]["weight"].shape[0],), base_save.step, dtype=torch.int64)
 
-    base = store.latest_loadable("full", [prefix + part for part in parts])
-    if base is None:
-        raise FileNotFoundError(f"no full save in {store.directory} to restore table {table!r} from")
-    rows = next(iter(base.tensors.values())).shape[0]
-    if end > rows:
-        raise ValueError(f"row_range [{start}, {end}) exceeds table {table!r} with {rows} rows")
-    # clone: keep only the requested rows, not the whole loaded table.
-    out = {part: base.tensors[prefix + part][start:end].clone() for part in parts}
-    saved_step = torch.full((end - start,), base.manifest.step, dtype=torch.int64)
-
-    for subset in store.saves("subset"):
-        if subset.step <= base.manifest.step or not subset.has(prefix + "ids"):
+    for subset in saves:
+        if subset.kind != "subset" or subset.step <= base_save.step or part not in subset.parts:
             continue
         try:
-            loaded = store.load(subset, [prefix + "ids"] + [prefix + part for part in parts])
+            loaded = store.load_part(subset, part)
+            check_part_rows(loaded, {t: r for t, r in rows.items() if ids_name(t) in loaded.tensors})
         except (CorruptCheckpointError, KeyError) as e:
-            warnings.warn(f"rows of {table!r} in {subset.folder} are not used, older saves supply them: {e}",
+            warnings.warn(f"{part} of {subset.folder} is not used, older saves supply its rows: {e}",
                           SkippedSaveWarning, stacklevel=2)
             continue
-        ids = loaded[prefix + "ids"]
-        in_range = (ids >= start) & (ids < end)
-        local = ids[in_range] - start
-        for part in parts:
-            out[part][local] = loaded[prefix + part][in_range].to(out[part].dtype)
-        saved_step[local] = subset.step
-    out["saved_step"] = saved_step
-    return out
-
+        bytes_read += loaded.bytes_read
+        for table in rows:
+            ids = loaded.tensors.get(ids_name(table))
+            if ids is None:
+                continue
+            for what, name in names[table].items():
+                out[table][what][ids] = loaded.tensors[name].to(out[table][what].dtype)
+            saved_step[table][ids] = subset.step
+    return RestoredDomain(out, saved_step, base_save.step, bytes_read)

@@ -1,9 +1,18 @@
-"""Crash-consistent checkpoint folders with retention.
+"""Crash-consistent, multi-part checkpoint folders with one commit record, and retention.
 
-A save is `DIR/save-<step:010d>-<kind>/` holding `manifest.json` and one raw file per tensor. It is
-written under `DIR/.tmp-...`, every file and the folder fsynced, then renamed into place and `DIR`
-fsynced: a save folder either is complete or does not exist under its final name. Deletion renames to
-`DIR/.trash-...` before removing, for the same reason. A single writer per directory is assumed.
+A save is `DIR/save-<step:010d>-<kind>/`. It holds one folder per *part* and `commit.json`:
+
+* `domain-<d:05d>/`: the rows of failure domain `d` (weights and row-wise optimizer state; for a subset
+  save, also the ids of the rows it holds, relative to the domain's first row), written by whichever
+  process holds the domain, in parallel with the others;
+* `dense/`: dense parameters, dense optimizer state and RNG, written once (by the coordinator).
+
+A part is a folder with `manifest.json` and one raw file per tensor (see `manifest.py`, `tensor_io.py`).
+Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and folder. Only when
+every part is durable does the coordinator write `commit.json` (naming each part with the crc32 of its
+manifest), fsync it, rename the staging folder into place and fsync `DIR`, as DCP writes its metadata
+last: a save either is complete under its final name or does not exist. Deletion renames to
+`DIR/.trash-...` before removing, for the same reason.
 """
 from __future__ import annotations
 
@@ -15,8 +24,9 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,14 @@ from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta
 _SAVE_NAME = re.compile(r"^save-(\d{10})-(full|subset)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+COMMIT_FILE = "commit.json"
+COMMIT_VERSION = 1
+DENSE_PART = "dense"
+
+
+def domain_part(domain: int) -> str:
+    """The part name of failure domain `domain`'s rows."""
+    return f"domain-{domain:05d}"
 
 
 class SkippedSaveWarning(UserWarning):
@@ -36,8 +54,88 @@ class SkippedSaveWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class PartRecord:
+    """One part of a save as its commit record names it: the crc32 of its manifest, and its tensor bytes."""
+
+    checksum: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PartContent:
+    """What a writer puts in one part: tensors, the tables they belong to, and each table's global rows.
+
+    `rows[table] = (start, end)`: the global rows of `table` the part holds (a domain's slice; empty for
+    the dense part). In a subset part, `emb/<table>/ids` are relative to `start`.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    tables: Mapping[str, TableMeta] = field(default_factory=dict)
+    rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """A committed save, as read from its `commit.json`."""
+
+    step: int
+    kind: str
+    policy: str
+    world_size: int
+    domain_mode: str
+    num_domains: int
+    parts: dict[str, PartRecord]
+    extra: dict[str, Any]
+    created: float
+    format_version: int = COMMIT_VERSION
+    folder: Path | None = field(default=None, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts.values())
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        del data["folder"]
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: Path) -> SaveInfo:
+        """Parse `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
+        try:
+            data = json.loads((folder / COMMIT_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CorruptCheckpointError(folder, COMMIT_FILE, f"unreadable: {e}") from e
+        try:
+            if not isinstance(data, dict) or data.get("format_version") != COMMIT_VERSION:
+                raise ValueError(f"format_version is not {COMMIT_VERSION}")
+            if data["kind"] not in SAVE_KINDS:
+                raise ValueError(f"kind {data['kind']!r} is not one of {SAVE_KINDS}")
+            ints = {key: data[key] for key in ("step", "world_size", "num_domains")}
+            for key, value in ints.items():
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{key} must be a non-negative int, got {value!r}")
+            parts = {}
+            for name, part in data["parts"].items():
+                if not re.fullmatch(r"domain-\d{5}|dense", name):
+                    raise ValueError(f"part name {name!r}")
+                if not all(isinstance(part[k], int) and not isinstance(part[k], bool) and part[k] >= 0
+                           for k in ("checksum", "nbytes")) or set(part) != {"checksum", "nbytes"}:
+                    raise ValueError(f"part {name!r} record {part!r}")
+                parts[name] = PartRecord(part["checksum"], part["nbytes"])
+            if not isinstance(data["extra"], dict) or not isinstance(data["policy"], str) \
+                    or data["domain_mode"] not in ("virtual", "ranks"):
+                raise ValueError("extra, policy or domain_mode has the wrong type")
+            return cls(step=ints["step"], kind=data["kind"], policy=data["policy"], world_size=ints["world_size"],
+                       domain_mode=data["domain_mode"], num_domains=ints["num_domains"], parts=parts,
+                       extra=data["extra"], created=float(data["created"]), folder=folder)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptCheckpointError(folder, COMMIT_FILE, f"malformed field: {e!r}") from e
+
+
+@dataclass(frozen=True)
 class SaveRecord:
-    """What one `CheckpointStore.save` wrote and how long it took."""
+    """What one committed save wrote and how long the commit took."""
 
     path: Path
     step: int
@@ -47,11 +145,12 @@ class SaveRecord:
 
 
 @dataclass
-class LoadedSave:
-    """A save's manifest with the tensors that were loaded (and verified) from it."""
+class LoadedPart:
+    """One part's manifest with the tensors loaded (and verified) from it; `bytes_read` counts the files."""
 
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
+    bytes_read: int
 
 
 def save_folder_name(step: int, kind: str) -> str:
@@ -119,28 +218,31 @@ def _check_subset_table(table: str, parts: Mapping[str, torch.Tensor], meta: Tab
                              f"expected {ids.numel()} rows like emb/{table}/ids")
 
 
-def _check_shards(shards: Mapping[str, Sequence[tuple[int, int]]], tables: Mapping[str, TableMeta]) -> None:
-    for table, ranges in shards.items():
-        for start, end in ranges:
-            rows = tables[table].rows if table in tables else end
-            # An empty range is allowed: a shard may own no rows of a small table.
-            if not 0 <= start <= end <= rows:
-                raise ValueError(f"shard [{start}, {end}) of table {table!r} is not a row range within [0, {rows}]")
+def _check_rows(rows: Mapping[str, tuple[int, int]], tables: Mapping[str, TableMeta]) -> None:
+    """A part's global row range of each table spans exactly the table's rows in the part."""
+    for table, (start, end) in rows.items():
+        expected = tables[table].rows if table in tables else end - start
+        # An empty range is allowed: a domain may hold no rows of a small table.
+        if not 0 <= start <= end or end - start != expected:
+            raise ValueError(f"rows [{start}, {end}) of table {table!r} do not span its {expected} rows in the part")
 
 
 class CheckpointStore:
-    """Saves, lists, verifies, loads and retires checkpoint folders under one directory.
+    """Stages, commits, lists, verifies, loads and retires multi-part saves under one directory.
 
-    Retention after every save: the newest `keep_last` full saves, and every subset save newer than the
-    oldest of them (subsets are deltas on top of a full save). Keep `keep_last >= 2` to be able to fall
-    back past a corrupt newest full save.
+    Every process of a job opens the store on the same directory; only the coordinator (`coordinator=True`,
+    rank 0) commits, removes stale temporary folders and applies retention. Retention after every commit:
+    the newest `keep_last` full saves, and every subset save newer than the oldest of them (subsets are
+    deltas on top of a full save). Keep `keep_last >= 2` to be able to fall back past a corrupt newest full
+    save.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, coordinator: bool = True):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.coordinator = coordinator
         probe = self.directory / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -150,71 +252,102 @@ class CheckpointStore:
             probe.unlink()
         except OSError as e:
             raise UnwritableDirectoryError(f"checkpoint directory {self.directory} is not writable: {e}") from e
+        if coordinator:
+            self._remove_stale()
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def save(
-        self,
-        step: int,
-        kind: str,
-        policy: str,
-        tensors: Mapping[str, torch.Tensor],
-        tables: Mapping[str, TableMeta | Mapping[str, Any]] | None = None,
-        shards: Mapping[str, Sequence[tuple[int, int]]] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> SaveRecord:
-        """Write one save atomically, then apply retention. A save of the same step and kind is replaced.
-
-        On any failure (disk full included) the temporary folder is removed, earlier saves are left as
-        they were, and the exception is re-raised with a note naming the save.
-        """
-        started = time.perf_counter()
+    def stage(self, step: int, kind: str, token: str) -> Path:
+        """The staging folder of a save; every writer of the save passes the same `token`."""
         if kind not in SAVE_KINDS:
             raise ValueError(f"kind must be one of {SAVE_KINDS}, got {kind!r}")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        step = int(step)
-        tables = {name: meta if isinstance(meta, TableMeta) else TableMeta(**meta)
-                  for name, meta in (tables or {}).items()}
-        shards = {table: [(int(s), int(e)) for s, e in ranges] for table, ranges in (shards or {}).items()}
+        staging = self.directory / f"{_TMP_PREFIX}{save_folder_name(int(step), kind)}-{token}"
+        staging.mkdir(exist_ok=True)
+        return staging
+
+    def write_part(self, staging: Path, part: str, step: int, kind: str, policy: str,
+                   content: PartContent) -> PartRecord:
+        """Write one part into `staging` and make it durable; a failure removes what this part wrote."""
+        tables = {name: meta if isinstance(meta, TableMeta) else TableMeta(**meta) for name, meta in content.tables.items()}
+        rows = {table: (int(start), int(end)) for table, (start, end) in content.rows.items()}
+        _check_layout(kind, content.tensors, tables)
+        _check_rows(rows, tables)
+        folder = staging / part
+        try:
+            folder.mkdir()
+            entries = [
+                tensor_io.write_tensor(folder / _file_name(i, tensor_name), tensor_name, tensor)
+                for i, (tensor_name, tensor) in enumerate(content.tensors.items())
+            ]
+            manifest = Manifest(
+                step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
+                tensors=entries, extra={"part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
+            )
+            text = manifest.to_json().encode()
+            with open(folder / MANIFEST_FILE, "wb") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(folder)
+            _fsync_dir(staging)
+        except BaseException as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            e.add_note(f"writing part {part} of the step-{step} {kind} save in {staging} failed; earlier saves in "
+                       f"{self.directory} are untouched")
+            raise
+        return PartRecord(checksum=zlib.crc32(text), nbytes=manifest.nbytes)
+
+    def commit(self, staging: Path, step: int, kind: str, policy: str, parts: Mapping[str, PartRecord],
+               world_size: int = 1, domain_mode: str = "virtual", num_domains: int = 1,
+               extra: Mapping[str, Any] | None = None) -> SaveRecord:
+        """Write the commit record last and move the save into place; then apply retention.
+
+        Call only when every part in `parts` is durable in `staging`. A save of the same step and kind is
+        replaced. On failure the staging folder is removed and earlier saves stay as they were.
+        """
+        started = time.perf_counter()
         extra = dict(extra or {})
         try:
             json.dumps(extra)
         except (TypeError, ValueError) as e:
             raise TypeError(f"extra must be JSON-serialisable (lists, dicts, numbers, strings): {e}") from e
-        _check_layout(kind, tensors, tables)
-        _check_shards(shards, tables)
-
-        self._remove_stale()
-        name = save_folder_name(step, kind)
-        final = self.directory / name
-        tmp = self.directory / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        info = SaveInfo(step=step, kind=kind, policy=policy, world_size=world_size, domain_mode=domain_mode,
+                        num_domains=num_domains, parts=dict(parts), extra=extra, created=time.time())
+        final = self.directory / save_folder_name(step, kind)
         try:
-            entries = [
-                tensor_io.write_tensor(tmp / _file_name(i, tensor_name), tensor_name, tensor)
-                for i, (tensor_name, tensor) in enumerate(tensors.items())
-            ]
-            manifest = Manifest(
-                step=step, policy=policy, kind=kind, tables=tables, shards=shards, tensors=entries,
-                extra=extra, created=time.time(), nbytes=sum(e.nbytes for e in entries),
-            )
-            with open(tmp / MANIFEST_FILE, "w") as f:
-                f.write(manifest.to_json())
+            with open(staging / COMMIT_FILE, "w") as f:
+                f.write(info.to_json())
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            _fsync_dir(staging)
             if final.exists():
                 self._delete(final)
-            os.rename(tmp, final)
+            os.rename(staging, final)
             _fsync_dir(self.directory)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            e.add_note(f"checkpoint save of step {step} ({kind}) to {final} failed; its temporary folder was "
+            self.abandon(staging)
+            e.add_note(f"committing the step-{step} {kind} save to {final} failed; its staging folder was "
                        f"removed and earlier saves in {self.directory} are untouched")
             raise
         self._apply_retention()
-        return SaveRecord(final, step, kind, manifest.nbytes, time.perf_counter() - started)
+        return SaveRecord(final, step, kind, info.nbytes, time.perf_counter() - started)
+
+    def abandon(self, staging: Path) -> None:
+        """Remove a staging folder that will not be committed."""
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def save(self, step: int, kind: str, policy: str, parts: Mapping[str, PartContent],
+             extra: Mapping[str, Any] | None = None, **commit_args: Any) -> SaveRecord:
+        """Stage, write every part and commit, in one process (world size 1)."""
+        staging = self.stage(step, kind, uuid.uuid4().hex[:12])
+        try:
+            records = {name: self.write_part(staging, name, step, kind, policy, content) for name, content in parts.items()}
+            return self.commit(staging, step, kind, policy, records, extra=extra, **commit_args)
+        except BaseException:
+            self.abandon(staging)
+            raise
 
     def discard_after(self, step: int) -> list[Path]:
         """Delete every save newer than `step` (e.g. after rolling back to it); returns what was deleted."""
@@ -225,52 +358,48 @@ class CheckpointStore:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def saves(self, kind: str | None = None) -> list[Manifest]:
-        """Manifests of the complete saves (of `kind`, if given), oldest step first.
+    def saves(self, kind: str | None = None) -> list[SaveInfo]:
+        """Commit records of the committed saves (of `kind`, if given), oldest step first.
 
-        A folder whose manifest is unreadable is skipped with a SkippedSaveWarning.
+        A folder whose commit record is unreadable is skipped with a SkippedSaveWarning.
         """
-        manifests = []
+        found = []
         for path, step, folder_kind in self._folders():
             if kind is not None and folder_kind != kind:
                 continue
             try:
-                manifest = Manifest.read(path)
-                if (manifest.step, manifest.kind) != (step, folder_kind):
-                    raise CorruptCheckpointError(path, MANIFEST_FILE, f"says step {manifest.step} "
-                                                 f"({manifest.kind}), folder name says step {step} ({folder_kind})")
+                info = SaveInfo.read(path)
+                if (info.step, info.kind) != (step, folder_kind):
+                    raise CorruptCheckpointError(path, COMMIT_FILE, f"says step {info.step} ({info.kind}), "
+                                                 f"folder name says step {step} ({folder_kind})")
             except CorruptCheckpointError as e:
                 warnings.warn(f"skipping save: {e}", SkippedSaveWarning, stacklevel=2)
                 continue
-            manifests.append(manifest)
-        return manifests
+            found.append(info)
+        return found
 
-    def load(self, save: Manifest | str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors of one save (all, or `names`), each verified against its size and crc32.
+    def load_part(self, save: SaveInfo, part: str, names: Iterable[str] | None = None) -> LoadedPart:
+        """Tensors of one part of a committed save (all, or `names`), each verified against its size and crc32,
+        and the part's manifest against the commit record.
 
-        Raises CorruptCheckpointError naming the folder and file, or KeyError for a name the save lacks.
+        Raises CorruptCheckpointError naming the folder and file, or KeyError for a part or name it lacks.
         """
-        manifest = save if isinstance(save, Manifest) else Manifest.read(Path(save))
+        if part not in save.parts:
+            raise KeyError(f"save {save.folder} (step {save.step}, {save.kind}) has no part {part!r}")
+        folder = save.folder / part
+        try:
+            text = (folder / MANIFEST_FILE).read_bytes()
+        except OSError as e:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"unreadable: {e}") from e
+        if zlib.crc32(text) != save.parts[part].checksum:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
+        try:
+            manifest = Manifest.from_json(text.decode(), folder)
+        except UnicodeDecodeError as e:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"not UTF-8: {e}") from e
         entries = manifest.tensors if names is None else [manifest.entry(name) for name in names]
-        return {entry.name: tensor_io.read_tensor(manifest.folder, entry) for entry in entries}
-
-    def latest_loadable(self, kind: str | None = None, names: Iterable[str] | None = None) -> LoadedSave | None:
-        """The newest save (of `kind`) whose tensors (all, or `names`) load and verify.
-
-        Corrupt saves are skipped with a SkippedSaveWarning. Returns None when there is no save at all;
-        raises CorruptCheckpointError when saves exist but none is loadable.
-        """
-        names = None if names is None else list(names)
-        skipped = []
-        for manifest in reversed(self.saves(kind)):
-            try:
-                return LoadedSave(manifest, self.load(manifest, names))
-            except CorruptCheckpointError as e:
-                warnings.warn(f"skipping save, falling back to an older one: {e}", SkippedSaveWarning, stacklevel=2)
-                skipped.append(manifest.folder.name)
-        if skipped:
-            raise CorruptCheckpointError(self.directory, ", ".join(skipped), "no loadable save remains")
-        return None
+        tensors = {entry.name: tensor_io.read_tensor(manifest.folder, entry) for entry in entries}
+        return LoadedPart(manifest, tensors, len(text) + sum(entry.nbytes for entry in entries))
 
     # -- housekeeping ----------------------------------------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""The few collectives CPR needs across ranks, each with a bounded timeout.
+
+Saves commit only when every rank's part is durable, recoveries pick a save every rank can load, and
+reports add up what each rank counted. All of it moves small Python objects, so CPR keeps its own gloo
+group (CPU, whatever backend training uses) with its own timeout: a rank that died or hangs makes the
+others fail within `timeout_s` with `CoordinationError` instead of waiting for torch's 30-minute default.
+At world size 1 nothing is communicated.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300"))
+
+
+class CoordinationError(RuntimeError):
+    """A collective among the ranks failed or timed out (a rank died, hangs, or disagrees)."""
+
+
+class Coordinator:
+    """This process's rank among the job's ranks, and object collectives over CPR's own gloo group.
+
+    Every rank must create it (creating the group is itself collective) and call the same collectives in
+    the same order.
+    """
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.rank = dist.get_rank()
+            self.world_size = dist.get_world_size()
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        else:
+            self.rank, self.world_size, self._group = 0, 1, None
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Rank 0 commits saves, writes the dense state once and applies retention."""
+        return self.rank == 0
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self._group is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(out, obj, group=self._group)
+        except RuntimeError as err:  # gloo reports timeouts and dead peers as RuntimeError subclasses
+            raise CoordinationError(f"rank {self.rank}: all_gather among {self.world_size} ranks failed "
+                                    f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank."""
+        if self._group is None:
+            return obj
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self._group)
+        except RuntimeError as err:
+            raise CoordinationError(f"rank {self.rank}: broadcast among {self.world_size} ranks failed "
+                                    f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
+        return box[0]
+
+    def sum(self, value: int | float) -> int | float:
+        return sum(self.all_gather(value))
+
+    def all_true(self, flag: bool) -> bool:
+        return all(self.all_gather(bool(flag)))
