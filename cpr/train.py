@@ -12,27 +12,36 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
-from tqdm import tqdm
 
 from cpr.checkpointer import CPRCheckpointer, RecoveryError
+from cpr.comm import CoordinationError, Coordinator
 from cpr.faults import FailureSchedule
+from cpr.loop import LR_DECAYS, MetricsLog, train
 from cpr.planning import ClusterProfile
 from cpr.policies import POLICY_NAMES
-from cpr.storage import CorruptCheckpointError, UnwritableDirectoryError
+from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, UnwritableDirectoryError
+from cpr.tables import UnsupportedShardingError
 from dlrm.data import open_dataset
 from dlrm.data.errors import CriteoDataError
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import table_rows
-from dlrm.model import MODEL_CONFIGS, EMBEDDING_OPTIMIZERS, build_model, build_optimizer, default_device, ensure_process_group, wrap_dmp
+from dlrm.model import (
+    EMBEDDING_OPTIMIZERS,
+    MODEL_CONFIGS,
+    SHARDING_TYPES,
+    build_model,
+    build_optimizer,
+    default_device,
+    ensure_process_group,
+    wrap_dmp,
+)
 
 
 class UsageError(ValueError):
@@ -57,9 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     length.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--lr", type=float, default=0.001, help="learning rate of the dense layers (Adagrad)")
     train.add_argument("--embedding-lr", type=float, default=0.01, help="learning rate of the fused embedding optimizer")
-    train.add_argument("--lr-decay", choices=("linear", "none"), default="linear",
+    train.add_argument("--lr-decay", choices=LR_DECAYS, default="linear",
                        help="linear: both learning rates fall linearly to 0 over the run (keeps small data sets from overfitting)")
     train.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZERS), default="rowwise_adagrad")
+    train.add_argument("--sharding", choices=SHARDING_TYPES, default="table_wise",
+                       help="how tables are placed on the ranks of a multi-rank job (torchrun)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well as at the end")
     train.add_argument("--log-every", type=int, default=50, help="write the train loss to metrics.jsonl every N steps")
@@ -67,7 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     cpr = p.add_argument_group("checkpointing and failures")
     cpr.add_argument("--policy", choices=POLICY_NAMES, default="none")
-    cpr.add_argument("--num-shards", type=int, help="embedding shards, the failure domains (default: the profile's)")
+    cpr.add_argument("--num-shards", type=int,
+                     help="one-process runs: emulated embedding shards, the failure domains (default: the profile's); "
+                          "under torchrun the ranks are the domains")
     cpr.add_argument("--target-pls", type=float, default=0.02, help="portion of lost samples partial recovery may cost")
     cpr.add_argument("--profile", default="production", help="cluster profile preset")
     cpr.add_argument("--mtbf-hours", type=float, help="override the profile's per-node MTBF (hours)")
@@ -142,34 +155,17 @@ def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _endless(loader: BatchLoader) -> Iterator:
-    """Batches from the loader's current position on, epoch after epoch."""
-    while True:
-        yield from loader
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader) -> dict[str, float]:
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        _, (_, batch_logits, batch_labels) = model(batch)
-        logits.append(batch_logits.float().cpu())
-        labels.append(batch_labels.float().cpu())
-    model.train()
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    return {
-        "auc": float(binary_auroc(torch.sigmoid(all_logits), all_labels.long())),
-        "logloss": float(F.binary_cross_entropy_with_logits(all_logits, all_labels)),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as `args` say and return the summary (also written to OUT/summary.json)."""
+    """Train as `args` say and return the summary (also written to OUT/summary.json by rank 0).
+
+    Under torchrun (WORLD_SIZE set) every rank runs this; the failure domains are then the ranks.
+    """
     validate(args)
     out = Path(args.out)
     torch.manual_seed(args.seed)
     device = default_device()
+    ensure_process_group(device)
+    coordinator = Coordinator()
     rows = table_rows(args.rows)
     dataset = open_dataset(
         args.data,
@@ -181,104 +177,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         zipf_alpha=args.zipf_alpha,
         seed=args.seed,
     )
-    train_loader = BatchLoader(dataset.train, args.batch_size)
-    eval_loader = BatchLoader(dataset.eval, args.batch_size)
+    try:
+        train_loader = BatchLoader(dataset.train, args.batch_size, rank=coordinator.rank, world_size=coordinator.world_size)
+        eval_loader = BatchLoader(dataset.eval, args.batch_size, rank=coordinator.rank, world_size=coordinator.world_size)
+    except ValueError as err:
+        raise UsageError(f"--batch-size {args.batch_size}: {err}") from None
     total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
 
-    ensure_process_group(device)
-    model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer, args.embedding_lr)
+    model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
+                     args.embedding_lr, sharding=args.sharding)
     optimizer = build_optimizer(model, args.lr)
-    profile = _profile(args)
-    ckpt = CPRCheckpointer(
-        model,
-        optimizer,
-        args.checkpoint_dir or out / "checkpoints",
-        policy=args.policy,
-        target_pls=args.target_pls,
-        profile=profile,
-        total_steps=total_steps,
-        reader=train_loader,
-        interval_steps=args.interval_steps,
-        keep_last=args.keep_last,
-        policy_options=policy_options(args),
-        resume=args.resume,
-    )
+    try:
+        ckpt = CPRCheckpointer(
+            model,
+            optimizer,
+            args.checkpoint_dir or out / "checkpoints",
+            policy=args.policy,
+            num_shards=args.num_shards if coordinator.world_size == 1 else None,
+            target_pls=args.target_pls,
+            profile=_profile(args),
+            total_steps=total_steps,
+            reader=train_loader,
+            interval_steps=args.interval_steps,
+            keep_last=args.keep_last,
+            policy_options=policy_options(args),
+            resume=args.resume,
+            coordinator=coordinator,
+        )
+    except UnsupportedShardingError as err:
+        raise UsageError(str(err)) from None
     if args.policy == "none" or args.failures == 0:
         schedule = FailureSchedule.empty()
     else:
         schedule = FailureSchedule.from_profile(ckpt.profile, total_steps, seed=args.seed, count=args.failures)
 
-    config = {**vars(args), "total_steps": total_steps, "table_rows": rows, "data_source": dataset.source,
-              "train_rows": len(dataset.train), "eval_rows": len(dataset.eval), "failure_schedule": schedule.to_json()}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    pending = [failure for failure in schedule if failure.step > ckpt.global_step]
-    metrics = (out / "metrics.jsonl").open("a" if args.resume else "w")
-    batches = _endless(train_loader)
-    bar = tqdm(total=total_steps, initial=ckpt.global_step, disable=args.no_progress, unit="step", dynamic_ncols=True)
-    loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
-    train_seconds = 0.0
-    window_start = time.perf_counter()
-    while ckpt.global_step < total_steps:
-        batch = next(batches)
-        step_start = time.perf_counter()
-        if args.lr_decay == "linear":
-            # A function of the model's step, so full recovery retrains lost steps with the same rates.
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
-        ckpt.observe(batch)
-        optimizer.zero_grad()
-        loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        ckpt.step()
-        train_seconds += time.perf_counter() - step_start
-        samples += batch.labels.numel()
-        executed += 1
-        loss_sum += float(loss.detach())
-        loss_count += 1
-        step = ckpt.global_step
-        bar.update(1)
-        while pending and pending[0].step <= step:
-            failure = pending.pop(0)
-            result = ckpt.recover([failure.shard])
-            metrics.write(json.dumps({"step": step, "event": "failure", "shard": failure.shard, "recovery": result.kind,
-                                      "resumed_at": result.step}) + "\n")
-            if result.kind == "full":
-                batches = _endless(train_loader)  # the reader was rewound with the model
-                bar.n = result.step
-        if step % args.log_every == 0 or step == total_steps:
-            rate = samples / train_seconds if train_seconds else 0.0
-            metrics.write(json.dumps({"step": step, "train_loss": loss_sum / loss_count, "samples_per_s": rate}) + "\n")
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", samples_s=f"{rate:,.0f}")
-            loss_sum, loss_count = 0.0, 0
-        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            metrics.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in evaluate(model, eval_loader).items()}}) + "\n")
-    bar.close()
-    wall_seconds = time.perf_counter() - window_start
-    final = evaluate(model, eval_loader)
-    metrics.write(json.dumps({"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}}) + "\n")
-    metrics.close()
+    if coordinator.is_coordinator:
+        config = {**vars(args), "total_steps": total_steps, "table_rows": rows, "data_source": dataset.source,
+                  "train_rows": len(dataset.train), "eval_rows": len(dataset.eval), "world_size": coordinator.world_size,
+                  "failure_domains": ckpt.layout.describe(), "failure_schedule": schedule.to_json()}
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        print(f"failure domains: {ckpt.layout.describe()}", file=sys.stderr)
+    metrics = MetricsLog(out / "metrics.jsonl", append=args.resume, coordinator=coordinator)
+    try:
+        result = train(model, optimizer, ckpt, train_loader, total_steps, schedule=schedule, eval_loader=eval_loader,
+                       lr_decay=args.lr_decay, log_every=args.log_every, eval_every=args.eval_every, metrics=metrics,
+                       progress=not args.no_progress)
+    finally:
+        metrics.close()
     summary = {
-        **final,
-        "samples_per_s": samples / train_seconds if train_seconds else 0.0,
-        "steps": total_steps,
-        "steps_executed": executed,
-        "wall_seconds": wall_seconds,
+        **result.summary(),
         "data_source": dataset.source,
         "rows_skipped": dataset.stats.rows_skipped,
         **ckpt.report(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if coordinator.is_coordinator:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table a person reads."""
+    auc = "undefined (one class)" if summary["auc"] is None else f"{summary['auc']:.4f}"
     lines = [
-        f"AUC {summary['auc']:.4f}   log loss {summary['logloss']:.4f}   {summary['samples_per_s']:,.0f} samples/s   "
+        f"AUC {auc}   log loss {summary['logloss']:.4f}   {summary['samples_per_s']:,.0f} samples/s wall clock "
+        f"(saves and recoveries included; {summary['step_samples_per_s']:,.0f} in training steps)   "
         f"{summary['steps']} steps ({summary['steps_executed']} executed)",
+        f"world size {summary['world_size']}; failure domains: {summary['domains_description']}",
         f"policy {summary['policy']}  shards {summary['num_shards']}  settings "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["policy_settings"].items()
                     if not k.startswith("planned_") and v not in (None, {})),
@@ -309,11 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError) as err:
+    except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
+            CheckpointMismatchError, CoordinationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'summary.json'}")
+    if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -19,7 +20,8 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -93,6 +95,12 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Collectives of training wait at most this long for a peer (torch's default is 30 minutes): a dead or hung
+# rank ends the job with an error instead of a silent stall.
+COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300")))
+SHARDING_TYPES = ("table_wise", "row_wise")
+
+
 def ensure_process_group(device: torch.device) -> None:
     """Join the process group of a launcher (torchrun sets WORLD_SIZE, RANK, MASTER_ADDR/PORT) or, without
     one, start a one-process group on an in-memory store (no port to collide with other runs)."""
@@ -100,9 +108,9 @@ def ensure_process_group(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
 
 
 def wrap_dmp(
@@ -110,27 +118,42 @@ def wrap_dmp(
     device: torch.device,
     embedding_optimizer: str = "rowwise_adagrad",
     embedding_lr: float = 0.01,
+    sharding: str = "table_wise",
 ) -> DistributedModelParallel:
-    """Shard the model's tables table-wise with fbgemm's fused kernel and in-backward optimizer.
+    """Shard the model's tables over the process group's ranks with fbgemm's fused kernel and in-backward
+    optimizer: `table_wise` (TorchRec's planner places whole tables, balancing the ranks) or `row_wise`
+    (every rank holds a contiguous row slice of every table).
 
     On a CUDA machine the tables use the UVM kernel: rows stay in host memory (Zion-like), MLPs go to
     the GPU. The process group must already exist (`ensure_process_group`).
     """
     if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ValueError(f"unknown embedding optimizer {embedding_optimizer!r}; choose from {sorted(EMBEDDING_OPTIMIZERS)}")
+    if sharding not in SHARDING_TYPES:
+        raise ValueError(f"unknown sharding {sharding!r}; choose from {SHARDING_TYPES}")
     fused_params = {"optimizer": EMBEDDING_OPTIMIZERS[embedding_optimizer], "learning_rate": embedding_lr, "eps": 1e-8}
     sharder = EmbeddingBagCollectionSharder(fused_params=fused_params)
     kernel = EmbeddingComputeKernel.FUSED_UVM if device.type == "cuda" else EmbeddingComputeKernel.FUSED
     ebc = model.model.sparse_arch.embedding_bag_collection
-    constraints = {
-        cfg.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[kernel.value])
-        for cfg in ebc.embedding_bag_configs()
-    }
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=dist.get_world_size(), compute_device=device.type),
-        constraints=constraints,
-    )
-    plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    world_size = dist.get_world_size()
+    if sharding == "row_wise":
+        # TorchRec's planner offers row-wise sharding on CUDA only; the plan itself runs on CPU too, so it is
+        # built directly: every table split into world_size near-equal row blocks.
+        module_plan = construct_module_sharding_plan(
+            ebc, {cfg.name: row_wise(compute_kernel=kernel.value) for cfg in ebc.embedding_bag_configs()},
+            local_size=world_size, world_size=world_size, device_type=device.type, sharder=sharder,
+        )
+        plan = ShardingPlan({"model.sparse_arch.embedding_bag_collection": module_plan})
+    else:
+        constraints = {
+            cfg.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[kernel.value])
+            for cfg in ebc.embedding_bag_configs()
+        }
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=world_size, compute_device=device.type),
+            constraints=constraints,
+        )
+        plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
 
 

@@ -220,6 +220,7 @@ def test_flipped_byte_truncation_missing_file_and_tampered_manifest_are_detected
     store = CheckpointStore(tmp_path)
     save_full(store, 1)
     for damage in ("flip", "truncate", "delete", "manifest", "commit"):
+        # every value of domain 0's weight is 2.0 in the new save and 1.0 in the old
         record = save_full(store, 2)
         path = tensor_file(record, "domain-00000", "emb/t/weight")
         if damage == "flip":
@@ -262,15 +263,15 @@ def test_unwritable_directory_fails_at_construction(tmp_path):
 def test_failure_mid_save_removes_the_staging_folder_and_keeps_earlier_saves(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path)
     save_full(store, 1)
-    real_write, calls = tensor_io.write_tensor, []
+    real_write, calls = tensor_io.write_tensors, []
 
-    def disk_full_on_second_file(path, name, tensor):
-        calls.append(name)
+    def disk_full_on_second_part(path, tensors):
+        calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, name, tensor)
+        return real_write(path, tensors)
 
-    monkeypatch.setattr(tensor_io, "write_tensor", disk_full_on_second_file)
+    monkeypatch.setattr(tensor_io, "write_tensors", disk_full_on_second_part)
     with pytest.raises(OSError, match="No space left") as error:
         save_full(store, 2)
     assert any("step-2" in note and "untouched" in note for note in error.value.__notes__)
@@ -297,15 +298,15 @@ CHILD = textwrap.dedent("""
     store = CheckpointStore(sys.argv[1])
     big = {"dense/w": torch.arange(1 << 18, dtype=torch.float32).reshape(-1, 64), "dense/v": torch.ones(8)}
     store.save(1, "full", "full", {"dense": PartContent(big)})
-    real_write = tensor_io.write_tensor
+    real_write = tensor_io.write_tensors
 
-    def write_then_stall(path, name, tensor):
-        entry = real_write(path, name, tensor)
-        print("mid-save", flush=True)  # the parent kills us here: one file written, no commit record yet
+    def write_then_stall(path, tensors):
+        entries = real_write(path, tensors)
+        print("mid-save", flush=True)  # the parent kills us here: tensors written, no commit record yet
         time.sleep(60)
-        return entry
+        return entries
 
-    tensor_io.write_tensor = write_then_stall
+    tensor_io.write_tensors = write_then_stall
     store.save(2, "full", "full", {"dense": PartContent({name: t + 1 for name, t in big.items()})})
 """)
 

@@ -42,7 +42,8 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    checksum: int  # zlib.crc32 of the file's bytes
+    checksum: int  # zlib.crc32 of the tensor's bytes
+    offset: int = 0  # where the tensor's bytes start in `file` (a part keeps all its tensors in one file)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         del data["folder"]
-        return json.dumps(data, indent=1, sort_keys=True)
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)  # compact: read on every restore
 
     @classmethod
     def from_json(cls, text: str, folder: Path) -> Manifest:

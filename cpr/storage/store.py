@@ -7,7 +7,8 @@ A save is `DIR/save-<step:010d>-<kind>/`. It holds one folder per *part* and `co
   process holds the domain, in parallel with the others;
 * `dense/`: dense parameters, dense optimizer state and RNG, written once (by the coordinator).
 
-A part is a folder with `manifest.json` and one raw file per tensor (see `manifest.py`, `tensor_io.py`).
+A part is a folder with `manifest.json` and `tensors.bin`, its tensors' raw bytes back to back (see
+`manifest.py`, `tensor_io.py`): one file and one fsync per part whatever the number of tables.
 Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and folder. Only when
 every part is durable does the coordinator write `commit.json` (naming each part with the crc32 of its
 manifest), fsync it, rename the staging folder into place and fsync `DIR`, as DCP writes its metadata
@@ -42,6 +43,7 @@ _TRASH_PREFIX = ".trash-"
 COMMIT_FILE = "commit.json"
 COMMIT_VERSION = 1
 DENSE_PART = "dense"
+TENSOR_FILE = "tensors.bin"
 
 
 def domain_part(domain: int) -> str:
@@ -165,11 +167,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _file_name(index: int, name: str) -> str:
-    # The index keeps names unique; the sanitised tensor name keeps the folder readable.
-    return f"{index:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}.bin"
-
-
 def _check_layout(kind: str, tensors: Mapping[str, torch.Tensor], tables: Mapping[str, TableMeta]) -> None:
     """Reject tensors that break the `emb/<table>/...` convention that row composition relies on."""
     for name, tensor in tensors.items():
@@ -277,10 +274,7 @@ class CheckpointStore:
         folder = staging / part
         try:
             folder.mkdir()
-            entries = [
-                tensor_io.write_tensor(folder / _file_name(i, tensor_name), tensor_name, tensor)
-                for i, (tensor_name, tensor) in enumerate(content.tensors.items())
-            ]
+            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors)
             manifest = Manifest(
                 step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
                 tensors=entries, extra={"part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),

@@ -5,6 +5,7 @@ read back by viewing the bytes as the recorded dtype.
 """
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,48 +35,61 @@ def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def write_tensor(path: Path, name: str, tensor: torch.Tensor) -> TensorEntry:
-    """Write `tensor` to `path`, fsync it, and return its manifest entry (file = path's name)."""
-    dtype = dtype_name(tensor.dtype)
-    data = _as_bytes(tensor)
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> list[TensorEntry]:
+    """Write every tensor of a part, back to back, into one file at `path`, fsync it once, and return their
+    manifest entries (file = path's name, offset = where each tensor's bytes start).
+
+    One file per part keeps a save's file count (and fsyncs) independent of the number of tables, and a
+    reader can still fetch a single tensor by its byte range.
+    """
+    entries = []
+    offset = 0
     with open(path, "wb") as f:
-        f.write(memoryview(data))
+        for name, tensor in tensors.items():
+            dtype = dtype_name(tensor.dtype)
+            data = _as_bytes(tensor)
+            f.write(memoryview(data))
+            entries.append(TensorEntry(
+                name=name,
+                file=path.name,
+                dtype=dtype,
+                shape=tuple(tensor.shape),
+                nbytes=data.nbytes,
+                checksum=zlib.crc32(memoryview(data)),
+                offset=offset,
+            ))
+            offset += data.nbytes
         f.flush()
         os.fsync(f.fileno())
-    return TensorEntry(
-        name=name,
-        file=path.name,
-        dtype=dtype,
-        shape=tuple(tensor.shape),
-        nbytes=data.nbytes,
-        checksum=zlib.crc32(memoryview(data)),
-    )
+    return entries
 
 
 def read_tensor(folder: Path, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor, checking its size and crc32; CorruptCheckpointError otherwise."""
+    """Read one tensor's byte range, checking its size and crc32; CorruptCheckpointError otherwise."""
     path = Path(folder) / entry.file
     try:
         size = path.stat().st_size
-        if size != entry.nbytes:
-            raise CorruptCheckpointError(folder, entry.file, f"size {size} bytes, manifest says {entry.nbytes}")
-        buffer = bytearray(size)
+        if size < entry.offset + entry.nbytes:
+            raise CorruptCheckpointError(folder, entry.file, f"size {size} bytes, manifest says "
+                                         f"{entry.nbytes} at offset {entry.offset}")
+        buffer = bytearray(entry.nbytes)
         with open(path, "rb") as f:
+            f.seek(entry.offset)
             read = f.readinto(buffer)
     except FileNotFoundError as e:
         raise CorruptCheckpointError(folder, entry.file, "file missing") from e
     except OSError as e:
         raise CorruptCheckpointError(folder, entry.file, f"unreadable: {e}") from e
-    if read != size:
-        raise CorruptCheckpointError(folder, entry.file, f"read {read} of {size} bytes")
+    if read != entry.nbytes:
+        raise CorruptCheckpointError(folder, entry.file, f"read {read} of {entry.nbytes} bytes")
     checksum = zlib.crc32(buffer)
     if checksum != entry.checksum:
-        raise CorruptCheckpointError(folder, entry.file, f"crc32 {checksum:#010x} != manifest {entry.checksum:#010x}")
+        raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: crc32 {checksum:#010x} != manifest {entry.checksum:#010x}")
     if entry.dtype not in _DTYPES:
         raise CorruptCheckpointError(folder, entry.file, f"unknown dtype {entry.dtype!r}")
     raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
     try:
         return raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
     except RuntimeError as e:
-        reason = f"{size} bytes do not form {entry.dtype}{list(entry.shape)}"
+        reason = f"{entry.nbytes} bytes do not form {entry.dtype}{list(entry.shape)}"
         raise CorruptCheckpointError(folder, entry.file, reason) from e

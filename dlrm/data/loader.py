@@ -16,18 +16,26 @@ class BatchLoader:
     The position is the next batch to produce, `{"epoch": e, "batch": b}`; it advances before a batch is
     handed out, so a `state_dict()` taken after training on a batch resumes right after it. Iterating the
     loader runs the rest of the current epoch; `epochs(n)` runs until epoch `n`.
+
+    With `world_size` > 1 each rank takes every `world_size`-th batch, starting at its `rank`, and only
+    whole batches, so every rank runs the same number of equal batches (collectives in the model need
+    that) and the position means the same on every rank: one saved position serves the whole job.
     """
 
-    def __init__(self, arrays: CriteoArrays, batch_size: int, drop_last: bool = False):
+    def __init__(self, arrays: CriteoArrays, batch_size: int, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.arrays = arrays
         self.batch_size = batch_size
-        self.drop_last = drop_last
+        self.drop_last = drop_last or world_size > 1
+        self.rank, self.world_size = rank, world_size
         full, rest = divmod(len(arrays), batch_size)
-        self._num_batches = full + int(rest > 0 and not drop_last)
+        self._num_batches = (full + int(rest > 0 and not self.drop_last)) // world_size
         if self._num_batches == 0:
-            raise ValueError(f"{len(arrays)} rows make no batch of {batch_size} (drop_last={drop_last})")
+            raise ValueError(f"{len(arrays)} rows make no batch of {batch_size} for each of {world_size} rank(s)")
         self._epoch = 0
         self._batch = 0
         # One id per (feature, sample): the lengths are all 1, shared by every batch.
@@ -63,7 +71,8 @@ class BatchLoader:
         return self.batch(index)
 
     def batch(self, index: int) -> Batch:
-        """Batch number `index` of an epoch (no effect on the position)."""
+        """Batch number `index` of this rank's epoch (no effect on the position)."""
+        index = index * self.world_size + self.rank
         rows = slice(index * self.batch_size, min((index + 1) * self.batch_size, len(self.arrays)))
         part = self.arrays[rows]
         size = len(part)

@@ -1,0 +1,200 @@
+"""The one training loop with failure injection and recovery, shared by the CLI, tests, benchmarks,
+experiments and users' own scripts.
+
+Every step: the learning rates for the model's step, the checkpointer sees the batch, forward, backward,
+optimizer step, then `ckpt.step()` saves if the policy says so. Emulated failures of the schedule that
+fall due are recovered as the policy prescribes (partial: the failed domain's rows come back; full: the
+model, the step and the reader go back to the last full save and the lost steps are trained again). In a
+multi-rank job every rank runs this loop with the same schedule; saves, recoveries and the final report
+are collective.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc
+from tqdm import tqdm
+
+from cpr.checkpointer import CPRCheckpointer
+from cpr.comm import Coordinator
+from cpr.faults import FailureSchedule
+from dlrm.data.loader import BatchLoader
+
+LR_DECAYS = ("linear", "none")
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, flushed as written, so a crash loses nothing logged.
+    Only the coordinator writes; on other ranks it is silent."""
+
+    def __init__(self, path: str | Path | None, append: bool = False, coordinator: Coordinator | None = None) -> None:
+        writes = path is not None and (coordinator is None or coordinator.is_coordinator)
+        self._file: TextIO | None = open(path, "a" if append else "w") if writes else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """What the loop did: final evaluation, steps, samples (all ranks) and where the time went."""
+
+    eval: dict[str, float | None]
+    steps: int
+    steps_executed: int
+    samples: int
+    step_seconds: float  # forward, backward and optimizer only
+    wall_seconds: float  # the whole loop: steps, saves and recoveries (not the final evaluation)
+    recovery_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.eval,
+            "steps": self.steps,
+            "steps_executed": self.steps_executed,
+            "samples": self.samples,
+            # wall clock, saves and recoveries included: what the job really delivers
+            "samples_per_s": self.samples / self.wall_seconds if self.wall_seconds else 0.0,
+            "step_samples_per_s": self.samples / self.step_seconds if self.step_seconds else 0.0,
+            "wall_seconds": self.wall_seconds,
+            "recovery_seconds": self.recovery_seconds,
+        }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: BatchLoader, coordinator: Coordinator | None = None) -> dict[str, float | None]:
+    """AUC and log loss over the whole evaluation set (every rank's batches gathered). AUC is None when the
+    set holds one class only: it is undefined, not 0."""
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        _, (_, batch_logits, batch_labels) = model(batch)
+        logits.append(batch_logits.float().cpu())
+        labels.append(batch_labels.float().cpu())
+    model.train()
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    if coordinator is not None and coordinator.world_size > 1:
+        gathered = coordinator.all_gather((all_logits, all_labels))
+        all_logits = torch.cat([g[0] for g in gathered])
+        all_labels = torch.cat([g[1] for g in gathered])
+    both_classes = bool(all_labels.min() != all_labels.max())
+    return {
+        "auc": float(binary_auroc(torch.sigmoid(all_logits), all_labels.long())) if both_classes else None,
+        "logloss": float(F.binary_cross_entropy_with_logits(all_logits, all_labels)),
+    }
+
+
+def _endless(loader: BatchLoader) -> Iterator:
+    """Batches from the loader's current position on, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _announce(message: str, coordinator: Coordinator) -> None:
+    """A line a person watching the run reads as it happens (rank 0 only, above the progress bar)."""
+    if coordinator.is_coordinator:
+        tqdm.write(message, file=sys.stderr)
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ckpt: CPRCheckpointer,
+    train_loader: BatchLoader,
+    total_steps: int,
+    schedule: FailureSchedule | None = None,
+    eval_loader: BatchLoader | None = None,
+    lr_decay: str = "linear",
+    log_every: int = 50,
+    eval_every: int = 0,
+    metrics: MetricsLog | None = None,
+    progress: bool = False,
+) -> LoopResult:
+    """Train `model` from `ckpt.global_step` to `total_steps`, injecting the schedule's failures.
+
+    `train_loader` must be the reader `ckpt` rewinds on full recovery. With `lr_decay="linear"` the
+    optimizer's learning rates fall linearly to 0 over the run, as a function of the model's step, so full
+    recovery retrains lost steps with the same rates.
+    """
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
+    if log_every < 1 or eval_every < 0:
+        raise ValueError(f"log_every must be >= 1 and eval_every >= 0, got {log_every} and {eval_every}")
+    coordinator = ckpt.coordinator
+    metrics = metrics or MetricsLog(None)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    pending = [f for f in (schedule or FailureSchedule.empty()) if f.step > ckpt.global_step]
+    batches = _endless(train_loader)
+    bar = tqdm(total=total_steps, initial=ckpt.global_step, disable=not (progress and coordinator.is_coordinator),
+               unit="step", dynamic_ncols=True)
+    loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
+    step_seconds = recovery_seconds = 0.0
+    started = time.perf_counter()
+    while ckpt.global_step < total_steps:
+        batch = next(batches)
+        step_start = time.perf_counter()
+        if lr_decay == "linear":
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
+        ckpt.observe(batch)
+        optimizer.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        optimizer.step()
+        step_seconds += time.perf_counter() - step_start
+        ckpt.step()
+        samples += batch.labels.numel()
+        executed += 1
+        loss_sum += float(loss.detach())
+        loss_count += 1
+        step = ckpt.global_step
+        bar.update(1)
+        while pending and pending[0].step <= step:
+            failure = pending.pop(0)
+            recovery_start = time.perf_counter()
+            result = ckpt.recover([failure.shard])
+            recovery_seconds += time.perf_counter() - recovery_start
+            event = {"step": step, "event": "failure", "shard": failure.shard, "recovery": result.kind,
+                     "resumed_at": result.step}
+            metrics.write(event)
+            _announce(f"step {step}: shard {failure.shard} failed; {result.kind} recovery, training resumes at step "
+                      f"{result.step}", coordinator)
+            if result.kind == "full":
+                batches = _endless(train_loader)  # the reader was rewound with the model
+                bar.n = result.step
+        if step % log_every == 0 or step == total_steps:
+            rate = samples / step_seconds if step_seconds else 0.0
+            metrics.write({"step": step, "train_loss": loss_sum / loss_count, "samples_per_s": rate})
+            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", samples_s=f"{rate:,.0f}")
+            if not coordinator.is_coordinator or not progress:
+                print(f"[rank {coordinator.rank}] step {step}/{total_steps} loss {loss_sum / loss_count:.4f} "
+                      f"{rate:,.0f} samples/s", file=sys.stderr, flush=True)
+            loss_sum, loss_count = 0.0, 0
+        if eval_loader is not None and eval_every and step % eval_every == 0 and step < total_steps:
+            metrics.write({"step": step, **{f"eval_{k}": v for k, v in evaluate(model, eval_loader, coordinator).items()}})
+    bar.close()
+    wall_seconds = time.perf_counter() - started
+    final = evaluate(model, eval_loader, coordinator) if eval_loader is not None else {}
+    metrics.write({"step": total_steps, **{f"eval_{k}": v for k, v in final.items()}})
+    return LoopResult(
+        eval=final,
+        steps=total_steps,
+        steps_executed=executed,
+        samples=int(coordinator.sum(samples)),
+        step_seconds=max(coordinator.all_gather(step_seconds)),
+        wall_seconds=max(coordinator.all_gather(wall_seconds)),
+        recovery_seconds=max(coordinator.all_gather(recovery_seconds)),
+    )

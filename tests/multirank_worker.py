@@ -1,0 +1,129 @@
+"""What each rank of the multi-rank tests runs (a module of its own: spawned processes import it).
+
+Every scenario builds the same small DLRM through DMP on a gloo group, trains it with `cpr.loop.train`
+and writes what the parent test compares to `OUT/<scenario>-rank<r>.pt`.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ROWS_PER_TABLE = 300  # big enough that a part's manifest is small beside its rows
+STEPS = 12
+INTERVAL = 4
+
+
+def _arrays(n: int = 2048):
+    from dlrm.data.arrays import CriteoArrays
+    from dlrm.data.schema import NUM_DENSE, NUM_SPARSE
+
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, size=(n, NUM_SPARSE)) - 1, ROWS_PER_TABLE - 1).astype(np.int64)
+    return CriteoArrays(rng.random((n, NUM_DENSE), dtype=np.float32), ids,
+                        (rng.random(n) < 0.3).astype(np.float32))
+
+
+def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False):
+    """A fresh model, optimizer, reader and checkpointer on this rank."""
+    from cpr import CPRCheckpointer
+    from dlrm.data.loader import BatchLoader
+    from dlrm.data.schema import NUM_SPARSE
+    from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
+
+    torch.manual_seed(seed + dist.get_rank())
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * NUM_SPARSE), torch.device("cpu"),
+                     "rowwise_adagrad", 0.05, sharding=sharding)
+    optimizer = build_optimizer(model, 0.05)
+    reader = BatchLoader(_arrays(), 32, rank=dist.get_rank(), world_size=dist.get_world_size())
+    ckpt = CPRCheckpointer(model, optimizer, directory, policy=policy, total_steps=STEPS, reader=reader,
+                           interval_steps=INTERVAL, resume=resume)
+    return model, optimizer, reader, ckpt
+
+
+def _state(ckpt) -> dict[str, torch.Tensor]:
+    """Copies of this rank's rows, row-wise optimizer state and dense parameters."""
+    out = {}
+    for table in ckpt.tables.tables:
+        out[f"{table}/weight"] = ckpt.tables.weight(table).detach().clone()
+        for name, value in ckpt.tables.row_states(table).items():
+            out[f"{table}/{name}"] = value.detach().clone()
+    for name, value in ckpt.model.named_parameters():
+        if "embedding_bags" not in name:
+            out[f"dense/{name}"] = value.detach().clone()
+    return out
+
+
+def _train(model, optimizer, ckpt, reader, steps: int, schedule=None) -> None:
+    from cpr.loop import train
+
+    train(model, optimizer, ckpt, reader, steps, schedule=schedule, lr_decay="none", log_every=1000)
+
+
+def partial(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Train to step 10 (full saves at 0, 4, 8), then domain `failed` fails: partial recovery."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial")
+    _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
+    saved = _state(ckpt)  # the newest save (step 8) holds exactly this
+    _train(model, optimizer, ckpt, reader, STEPS - 2)
+    before, position = _state(ckpt), reader.state_dict()
+    result = ckpt.recover([failed])
+    report = ckpt.report()
+    return {"saved": saved, "before": before, "after": _state(ckpt), "position": (position, reader.state_dict()),
+            "step": result.step, "own_bytes": ckpt.tables.nbytes(), "loaded_bytes": ckpt.ledger.failures[0].loaded_bytes,
+            "report_failures": report["failures"], "holds": sorted(ckpt.tables.tables)}
+
+
+def full(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """The same run twice: without failures, and with domain `failed` failing at step 10 (full recovery)."""
+    from cpr.faults import Failure, FailureSchedule
+
+    model, optimizer, reader, ckpt = _job(sharding, out / "clean", "full")
+    _train(model, optimizer, ckpt, reader, STEPS)
+    clean = _state(ckpt)
+    model, optimizer, reader, ckpt = _job(sharding, out / "failed", "full")
+    schedule = FailureSchedule((Failure(10, failed, 0.0),), STEPS, 1.0, None)
+    _train(model, optimizer, ckpt, reader, STEPS, schedule)
+    return {"clean": clean, "recovered": _state(ckpt), "lost_steps": ckpt.ledger.failures[0].lost_steps}
+
+
+def resume(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Uninterrupted, against: train to step 10, lose the whole job, resume from the last full save."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "clean", "full")
+    _train(model, optimizer, ckpt, reader, STEPS)
+    clean = _state(ckpt)
+    model, optimizer, reader, ckpt = _job(sharding, out / "crashed", "full")
+    _train(model, optimizer, ckpt, reader, STEPS - 2)
+    del model, optimizer, reader, ckpt  # the crash: nothing in memory survives
+    model, optimizer, reader, ckpt = _job(sharding, out / "crashed", "full", seed=99, resume=True)
+    resumed_at = ckpt.global_step
+    _train(model, optimizer, ckpt, reader, STEPS)
+    return {"clean": clean, "resumed": _state(ckpt), "resumed_at": resumed_at}
+
+
+def mismatch(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Resume from a checkpoint another world size wrote: one clear error, on every rank."""
+    from cpr.storage import CheckpointMismatchError
+
+    try:
+        _job(sharding, out / "written-by-other-world", "full", resume=True)
+    except CheckpointMismatchError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def main(rank: int, world_size: int, out: str, scenario: str, sharding: str, failed: int) -> None:
+    os.environ["CPR_COLLECTIVE_TIMEOUT_S"] = "60"
+    out_dir = Path(out)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / f'pg-{scenario}'}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        result = globals()[scenario](out_dir, sharding, failed)
+        torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
