@@ -21,6 +21,7 @@ from cpr.storage import (
     restore_rows,
     tensor_io,
 )
+from cpr.storage.lock import LOCK_FILE
 
 REPO = Path(cpr.__file__).parents[1]  # the child process must import the same `cpr` as this test
 ROWS, DIM = 10, 4
@@ -52,6 +53,11 @@ def save_full(store: CheckpointStore, step: int):
 
 def save_subset(store: CheckpointStore, step: int, ids: list[int]):
     return store.save(step, "subset", "partial", subset_tensors(step, ids), tables=TABLES)
+
+
+def entries(directory: Path) -> list[str]:
+    """What a checkpoint directory holds besides its lock file."""
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_FILE)
 
 
 def tensor_file(record, name: str) -> Path:
@@ -160,7 +166,7 @@ def test_retention_keeps_what_composition_needs(tmp_path):
     newest_full = save_full(store, 20)
     save_subset(store, 25, [2])
     assert [(m.step, m.kind) for m in store.saves()] == [(10, "full"), (15, "subset"), (20, "full"), (25, "subset")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(m.folder.name for m in store.saves())
+    assert entries(tmp_path) == sorted(m.folder.name for m in store.saves())
 
     tensor_file(newest_full, "emb/t/weight").write_bytes(b"")
     with pytest.warns(SkippedSaveWarning, match="save-0000000020-full"):
@@ -238,7 +244,7 @@ def test_failure_mid_save_removes_the_temp_folder_and_keeps_earlier_saves(tmp_pa
     with pytest.raises(OSError, match="No space left") as error:
         save_full(store, 2)
     assert any("step 2" in note and "untouched" in note for note in error.value.__notes__)
-    assert [p.name for p in tmp_path.iterdir()] == ["save-0000000001-full"]
+    assert entries(tmp_path) == ["save-0000000001-full"]
     assert store.latest_loadable().manifest.step == 1
 
 
@@ -291,7 +297,7 @@ def test_sigkill_during_a_save_leaves_the_previous_save_loadable(tmp_path):
     assert loaded.manifest.step == 1
     assert torch.equal(loaded.tensors["emb/t/weight"], torch.arange(1 << 18, dtype=torch.float32).reshape(-1, 64))
     save_full(store, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["save-0000000001-full", "save-0000000003-full"]
+    assert entries(tmp_path) == ["save-0000000001-full", "save-0000000003-full"]
 
 
 def test_composing_good_saves_warns_nothing(tmp_path):

@@ -3,7 +3,8 @@
 A save is `DIR/save-<step:010d>-<kind>/` holding `manifest.json` and one raw file per tensor. It is
 written under `DIR/.tmp-...`, every file and the folder fsynced, then renamed into place and `DIR`
 fsynced: a save folder either is complete or does not exist under its final name. Deletion renames to
-`DIR/.trash-...` before removing, for the same reason. A single writer per directory is assumed.
+`DIR/.trash-...` before removing, for the same reason. One writer per directory: a store holds the
+directory's lock (see lock.py) and removes only temporary folders it or a dead run left.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from . import tensor_io
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
+from .lock import DirectoryLock, abandoned, job_token, writer_tag
 from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta
 
 _SAVE_NAME = re.compile(r"^save-(\d{10})-(full|subset)$")
@@ -134,9 +136,13 @@ class CheckpointStore:
     Retention after every save: the newest `keep_last` full saves, and every subset save newer than the
     oldest of them (subsets are deltas on top of a full save). Keep `keep_last >= 2` to be able to fall
     back past a corrupt newest full save.
+
+    With `lock` (the default) the store holds the directory's lock until `close()` or the process ends,
+    and a second locking store raises DirectoryLockedError naming the holder. `lock=False` is for the
+    other writers of a job whose coordinator holds the lock.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, lock: bool = True):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
@@ -150,6 +156,13 @@ class CheckpointStore:
             probe.unlink()
         except OSError as e:
             raise UnwritableDirectoryError(f"checkpoint directory {self.directory} is not writable: {e}") from e
+        self._lock = DirectoryLock.acquire(self.directory) if lock else None
+        self._token = self._lock.token if self._lock else job_token(self.directory)
+
+    def close(self) -> None:
+        """Give up the directory's lock (also done when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -188,7 +201,7 @@ class CheckpointStore:
         self._remove_stale()
         name = save_folder_name(step, kind)
         final = self.directory / name
-        tmp = self.directory / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.directory / f"{_TMP_PREFIX}{name}-{writer_tag(self._token)}"
         tmp.mkdir()
         try:
             entries = [
@@ -285,16 +298,16 @@ class CheckpointStore:
 
     def _delete(self, path: Path) -> None:
         # Renamed first so that a crash mid-removal never leaves a partial folder under a save name.
-        trash = self.directory / f"{_TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+        trash = self.directory / f"{_TRASH_PREFIX}{path.name}-{writer_tag(self._token)}"
         os.rename(path, trash)
         _fsync_dir(self.directory)
         shutil.rmtree(trash)
 
     def _remove_stale(self) -> None:
-        """Remove temp and trash folders left by a run killed mid-save or mid-delete."""
-        for path in self.directory.iterdir():
-            if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-                shutil.rmtree(path, ignore_errors=True)
+        """Remove temp and trash folders left by this process or by a run killed mid-save or mid-delete."""
+        names = [path.name for path in self.directory.iterdir() if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX))]
+        for name in abandoned(self.directory, names, self._token):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def _apply_retention(self) -> None:
         folders = self._folders()

@@ -10,22 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
 from .errors import CorruptCheckpointError
-from .manifest import TensorEntry
-
-_DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
-}
+from .manifest import DTYPES, TensorEntry
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise TypeError(f"dtype {dtype} cannot be checkpointed; supported: {sorted(_DTYPES)}")
+    if name not in DTYPES:
+        raise TypeError(f"dtype {dtype} cannot be checkpointed; supported: {sorted(DTYPES)}")
     return name
 
 
@@ -53,29 +46,17 @@ def write_tensor(path: Path, name: str, tensor: torch.Tensor) -> TensorEntry:
 
 
 def read_tensor(folder: Path, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor, checking its size and crc32; CorruptCheckpointError otherwise."""
-    path = Path(folder) / entry.file
-    try:
-        size = path.stat().st_size
-        if size != entry.nbytes:
-            raise CorruptCheckpointError(folder, entry.file, f"size {size} bytes, manifest says {entry.nbytes}")
-        buffer = bytearray(size)
-        with open(path, "rb") as f:
-            read = f.readinto(buffer)
-    except FileNotFoundError as e:
-        raise CorruptCheckpointError(folder, entry.file, "file missing") from e
-    except OSError as e:
-        raise CorruptCheckpointError(folder, entry.file, f"unreadable: {e}") from e
-    if read != size:
-        raise CorruptCheckpointError(folder, entry.file, f"read {read} of {size} bytes")
+    """Read one tensor: a regular file directly inside `folder` of exactly the declared size, whose crc32
+    matches; CorruptCheckpointError otherwise."""
+    if entry.dtype not in DTYPES:
+        raise CorruptCheckpointError(folder, str(entry.file), f"unknown dtype {entry.dtype!r}")
+    buffer = files.read_file(Path(folder), entry.file, size=entry.nbytes)
     checksum = zlib.crc32(buffer)
     if checksum != entry.checksum:
         raise CorruptCheckpointError(folder, entry.file, f"crc32 {checksum:#010x} != manifest {entry.checksum:#010x}")
-    if entry.dtype not in _DTYPES:
-        raise CorruptCheckpointError(folder, entry.file, f"unknown dtype {entry.dtype!r}")
     raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
     try:
-        return raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
-    except RuntimeError as e:
-        reason = f"{size} bytes do not form {entry.dtype}{list(entry.shape)}"
+        return raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
+    except (RuntimeError, TypeError, ValueError) as e:
+        reason = f"{entry.nbytes} bytes do not form {entry.dtype}{list(entry.shape)}"
         raise CorruptCheckpointError(folder, entry.file, reason) from e
