@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from cpr.storage import CheckpointStore, DirectoryLockedError
 from cpr.storage.lock import DirectoryLock, live_holder, writer_tag

@@ -63,7 +63,7 @@ DEFECTS = {
     "step as a bool": (lambda d: d.update(step=True), "step must be an integer"),
     "tables as a list": (lambda d: d.update(tables=[]), "tables must be a JSON object"),
     "table rows as a float": (lambda d: d["tables"]["t"].update(rows=10.0), "rows must be an integer"),
-    "shard beyond the table": (lambda d: d["shards"]["t"].append([5, 11]), "outside [0, 10]"),
+    "shard beyond the table": (lambda d: d["shards"].setdefault("t", []).append([5, 11]), "outside [0, 10]"),
     "parent-directory file": (lambda d: entry_of(d, "dense/w").update(file="../../../x"), "not a plain name"),
     "absolute file": (lambda d: entry_of(d, "dense/w").update(file="/etc/hostname"), "not a plain name"),
     "duplicate file": (lambda d: entry_of(d, "dense/w").update(file=entry_of(d, "emb/t/weight")["file"]), "same file"),

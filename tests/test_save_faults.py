@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import zlib
 
 import pytest
-import torch
 
 from cpr.storage import CheckpointStore, CorruptCheckpointError, SkippedSaveWarning, TensorEntry, restore_rows, tensor_io
-from cpr.storage.manifest import CHECKSUM_FIELD, MANIFEST_FILE, content_checksum
+from cpr.storage.manifest import MANIFEST_FILE
 from tests.test_metadata_props import entry_of, falls_back, manifest_data, write_manifest
-from tests.test_storage import REPO, entries, save_full, save_subset, tensor_file
+from tests.test_storage import entries, kill_mid_save, save_full, save_subset, tensor_file
 
 
 def point_entry_at(record, name: str, file: str, content: bytes) -> None:
@@ -128,14 +125,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_sigkill_during_a_subset_save_keeps_the_composition(tmp_path):
-    with subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}) as child:
-        try:
-            assert child.stdout.readline().strip() == "mid-save"
-            os.kill(child.pid, signal.SIGKILL)
-        finally:
-            child.kill()
-            child.wait(timeout=30)
+    assert kill_mid_save(CHILD, str(tmp_path)) == -signal.SIGKILL
     assert any(name.startswith(".tmp-save-0000000003-subset") for name in entries(tmp_path))
     store = CheckpointStore(tmp_path)  # the killed run's lock does not block
     rows = restore_rows(store, "t", (0, 4))
