@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrm.data.arrays import CriteoArrays
-from dlrm.data.cache import default_cache_dir
+from dlrm.cache import default_cache_dir
 from dlrm.data.errors import CriteoDataError
 from dlrm.data.npy import load_npy
 from dlrm.data.synthetic import synthetic_tsv

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm.data import cache
+from dlrm import cache
 from dlrm.data.schema import NUM_COLUMNS, NUM_DENSE, NUM_SPARSE
 
 FORMAT_VERSION = 1  # bump when the generator changes, so cached files are not reused
@@ -46,7 +46,7 @@ def synthetic_tsv(
 
     The file's bytes depend only on (num_rows, table_rows, zipf_alpha, seed); it is written under a temporary
     name and renamed, so a concurrent or interrupted run never leaves a partial file under the final name.
-    A new file makes the least recently used ones go when the folder grows past its bound (see cache.py).
+    A new file makes the least recently used ones go when the folder grows past its bound (see dlrm/cache.py).
     """
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows}")

@@ -4,8 +4,8 @@ The root is `$CPR_CACHE`, else `~/.cache/cpr`. Each entry is one generated file;
 used (its access time). When a new entry is made, the least recently used ones are deleted until the cache
 holds at most `$CPR_CACHE_MAX_MB` megabytes (default 1024); the new entry itself is always kept.
 
-    python -m dlrm.data.cache            # list the entries and their total size
-    python -m dlrm.data.cache --clear    # delete them all
+    python -m dlrm.cache            # list the entries and their total size
+    python -m dlrm.cache --clear    # delete them all
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _abandoned_temp(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dlrm.data.cache", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dlrm.cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clear", action="store_true", help="delete every cached file")
     args = parser.parse_args(argv)
