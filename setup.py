@@ -1,4 +1,4 @@
-"""Builds the `cpr` and `dlrm` packages and the `cpr._C` extension.
+"""Builds the `cpr._C` extension; the package metadata and dependencies are in pyproject.toml.
 
 Install with `pip install --no-build-isolation -e .`: build isolation would fetch a CUDA torch of several
 GB instead of compiling against the torch already in the environment.
@@ -6,7 +6,7 @@ GB instead of compiling against the torch already in the environment.
 from pathlib import Path
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 HERE = Path(__file__).parent
@@ -31,11 +31,6 @@ def _extension():
 
 
 setup(
-    name="cpr",
-    version="0.1.0",
-    description="Checkpointing with partial recovery for DLRM training (CPR)",
-    packages=find_packages(include=["cpr", "cpr.*", "dlrm", "dlrm.*"]),
-    python_requires=">=3.11",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,9 +155,9 @@ class CPRCheckpointer:
         self.policy = policy if isinstance(policy, CheckpointPolicy) else make_policy(policy, context)
         # Sharded models report the rows each rank's shards serve; plain modules are observed per batch.
         self._hooked = hook_served_lookups(model, self._record_lookups)
-        self.store = CheckpointStore(directory, keep_last=keep_last, coordinator=self.coordinator.is_coordinator)
-        # Every rank stages its parts of a save in the same folder; the token names this run's.
-        self._token = self.coordinator.broadcast(uuid.uuid4().hex[:12])
+        # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
+        self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
+        self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
         self._table_meta = {
             name: TableMeta(rows=info.local_rows, dim=info.dim, dtype=str(self.tables.weight(name).dtype).removeprefix("torch."))
             for name, info in self.tables.tables.items()
@@ -255,7 +254,7 @@ class CPRCheckpointer:
         records, error, staging = {}, None, None
         if parts or self.coordinator.world_size > 1:
             try:
-                staging = self.store.stage(step, kind, self._token)
+                staging = self.store.stage(step, kind, self._staging_tag)
                 for name, content in parts.items():
                     records[name] = self.store.write_part(staging, name, step, kind, self.policy.name, content)
             except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
@@ -440,6 +439,10 @@ class CPRCheckpointer:
             self.ledger.record_failure(event)
             events.append(event)
         return RecoveryResult("partial", self.global_step, tuple(events))
+
+    def close(self) -> None:
+        """Release the checkpoint folder (its lock) so another run may use it; also done at process exit."""
+        self.store.close()
 
     # -- Stateful ---------------------------------------------------------------------------------------
     def _full_tensors(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from cpr.faults import FailureSchedule
 from cpr.loop import LR_DECAYS, MetricsLog, train
 from cpr.planning import ClusterProfile
 from cpr.policies import POLICY_NAMES
-from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, UnwritableDirectoryError
+from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
 from cpr.tables import UnsupportedShardingError
 from dlrm.data import open_dataset
 from dlrm.data.errors import CriteoDataError
@@ -46,6 +46,13 @@ from dlrm.model import (
 
 class UsageError(ValueError):
     """An invalid option, reported before any training starts."""
+
+
+# Each shard is an emulated parameter-server node holding a 1/num_shards slice of every table; the shard
+# layout, the failure schedule and every save's metadata grow with tables x shards.
+MAX_SHARDS = 1024
+_FLOAT_OPTIONS = ("epochs", "lr", "embedding_lr", "eval_fraction", "zipf_alpha", "target_pls", "mtbf_hours", "job_hours",
+                  "save_fraction", "sample_rate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -111,6 +118,10 @@ def _profile(args: argparse.Namespace) -> ClusterProfile:
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad settings before any data is read or model built."""
+    for name in _FLOAT_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     checks = [
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.rows >= 1, f"--rows must be >= 1, got {args.rows}"),
@@ -120,6 +131,13 @@ def validate(args: argparse.Namespace) -> None:
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.embedding_lr > 0, f"--embedding-lr must be > 0, got {args.embedding_lr}"),
         (args.num_shards is None or args.num_shards >= 1, f"--num-shards must be >= 1, got {args.num_shards}"),
+        (args.num_shards is None or args.num_shards <= MAX_SHARDS,
+         f"--num-shards must be <= {MAX_SHARDS}, got {args.num_shards}: each shard is an emulated parameter-server node "
+         "holding a slice of every table, and the shard layout and every save's metadata grow with the number of shards"),
+        (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
+        (args.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {args.eval_every}"),
+        (args.synthetic_rows >= 2, f"--synthetic-rows must be >= 2 (rows to train on and rows to evaluate), got {args.synthetic_rows}"),
+        (args.zipf_alpha >= 0, f"--zipf-alpha must be >= 0 (0: uniform ids), got {args.zipf_alpha}"),
         (0.0 < args.target_pls < 1.0, f"--target-pls must be in (0, 1), got {args.target_pls}"),
         (args.mtbf_hours is None or args.mtbf_hours > 0, f"--mtbf-hours must be > 0, got {args.mtbf_hours}"),
         (args.job_hours is None or args.job_hours > 0, f"--job-hours must be > 0, got {args.job_hours}"),
@@ -237,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table a person reads."""
-    auc = "undefined (one class)" if summary["auc"] is None else f"{summary['auc']:.4f}"
+    auc = "n/a (the evaluation rows hold one class)" if summary["auc"] is None else f"{summary['auc']:.4f}"
     lines = [
         f"AUC {auc}   log loss {summary['logloss']:.4f}   {summary['samples_per_s']:,.0f} samples/s wall clock "
         f"(saves and recoveries included; {summary['step_samples_per_s']:,.0f} in training steps)   "
@@ -246,7 +264,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"policy {summary['policy']}  shards {summary['num_shards']}  settings "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["policy_settings"].items()
                     if not k.startswith("planned_") and v not in (None, {})),
-        f"plan: {summary['plan']['recommended']} recovery is cheaper for this profile: {summary['plan']['reason']}",
+        # Without checkpoints there is no recovery to plan.
+        *([] if summary["policy"] == "none" else
+          [f"plan: {summary['plan']['recommended']} recovery is cheaper for this profile: {summary['plan']['reason']}"]),
         f"checkpoints {len(summary['checkpoints'])}  bytes written {summary['bytes_written']:,}",
         f"failures {len(summary['failures'])}: " + ", ".join(f"step {f['step']} shard {f['shard']}" for f in summary["failures"]),
         f"PLS expected {summary['pls_expected']:.5f}  measured {summary['pls_measured']:.5f}",
@@ -274,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run(args)
     except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
-            CheckpointMismatchError, CoordinationError) as err:
+            CheckpointMismatchError, CoordinationError, DirectoryLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:

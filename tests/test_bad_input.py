@@ -152,3 +152,80 @@ def test_convert_cli_label_less_file(tmp_path):
     path = write(tmp_path, [row().split("\t", 1)[1]], name="test.txt")
     result = run_convert(str(path), str(tmp_path / "out"))
     assert result.returncode == 2 and "label-less" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the command line: every data and option defect is one line and exit 2 -----------------------------------
+
+CLI_SMALL = ["--model", "small", "--rows", "100", "--batch-size", "4", "--no-progress"]
+
+
+def cli(tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """`python -m cpr.train` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from cpr.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*CLI_SMALL, "--out", str(tmp_path / "out"), *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("--log-every", "0", "--log-every must be >= 1"),
+        ("--epochs", "inf", "--epochs must be a finite number"),
+        ("--synthetic-rows", "0", "--synthetic-rows must be >= 2"),
+        ("--num-shards", "100000000", "--num-shards must be <= 1024"),
+        ("--lr", "inf", "--lr must be a finite number"),
+        ("--lr", "nan", "--lr must be a finite number"),
+        ("--zipf-alpha", "nan", "--zipf-alpha must be a finite number"),
+        ("--zipf-alpha", "-1", "--zipf-alpha must be >= 0"),
+        ("--eval-every", "-1", "--eval-every must be >= 0"),
+        ("--target-pls", "nan", "--target-pls must be a finite number"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(tmp_path, option, value, reason):
+    code, _, err = cli(tmp_path, option, value)
+    assert code == 2 and err.startswith("error: ") and reason in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "lines, reason",
+    [
+        ([row()], "1 usable rows: holding out 1 for evaluation leaves none for training"),
+        ([row(), row(I4="9" * 400)], ":2: field I4: "),
+    ],
+)
+def test_bad_data_exits_2_with_one_line(tmp_path, lines, reason):
+    path = write(tmp_path, lines)
+    code, _, err = cli(tmp_path, "--data", str(path), "--steps", "1")
+    assert code == 2 and reason in err and len(err.strip().splitlines()) == 1 and len(err) < 300, err
+
+
+def test_two_rows_train_and_report_undefined_auc(tmp_path):
+    import json
+
+    path = write(tmp_path, [row(label="1"), row(label="0")])
+    code, out, err = cli(tmp_path, "--data", str(path), "--steps", "1")
+    assert code == 0, err
+    assert "AUC n/a" in out  # one held-out row: one class, AUC undefined rather than 0
+    assert "plan:" not in out  # --policy none recovers nothing, so there is no plan to explain
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["auc"] is None
+
+
+def test_evaluate_reports_auc_only_with_both_classes():
+    import torch
+
+    from cpr.loop import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, batch):
+            return None, (None, batch["logits"], batch["labels"])
+
+    one = [{"logits": torch.tensor([0.3, -1.0]), "labels": torch.tensor([1.0, 1.0])}]
+    both = [{"logits": torch.tensor([0.3, -1.0]), "labels": torch.tensor([1.0, 0.0])}]
+    assert evaluate(Fixed(), one)["auc"] is None
+    assert evaluate(Fixed(), both)["auc"] == pytest.approx(1.0)

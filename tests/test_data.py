@@ -1,4 +1,5 @@
 """The data layer on real Criteo rows and on the built-in synthetic set: readers, npy round trip, loader."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,20 @@ def test_open_dataset_tsv_skip_bad_rows(tmp_path, synthetic_small):
         open_dataset([str(path)], table_rows=TABLES, eval_fraction=0.2)
     dataset = open_dataset([str(path)], "kaggle", table_rows=TABLES, eval_fraction=0.2, skip_bad_rows=True)
     assert (len(dataset.train), len(dataset.eval), dataset.stats.rows_skipped) == (800, 200, 1)
+
+
+def test_cache_evicts_least_recently_used_beyond_its_bound_and_clears(tmp_path, monkeypatch):
+    from dlrm import cache
+
+    folder = tmp_path / "synthetic"
+    paths = [synthetic_tsv(folder, 500, TABLES, seed=s) for s in range(3)]
+    size = paths[0].stat().st_size
+    os.utime(paths[0], (1, paths[0].stat().st_mtime))  # least recently used
+    synthetic_tsv(folder, 500, TABLES, seed=1)  # a hit marks it used
+    monkeypatch.setenv("CPR_CACHE_MAX_MB", str(2.5 * size / 2**20))
+    newest = synthetic_tsv(folder, 500, TABLES, seed=3)  # a new entry prunes down to 2.5 entries' worth
+    assert sorted(p.name for p in cache.entries(folder)) == sorted(p.name for p in (paths[1], newest))
+    monkeypatch.setenv("CPR_CACHE_MAX_MB", "0")
+    assert synthetic_tsv(folder, 500, TABLES, seed=4).exists()  # the entry just made is always kept
+    monkeypatch.setenv("CPR_CACHE", str(tmp_path))
+    assert cache.clear(cache.cache_root())[0] == 1 and not cache.entries(folder)

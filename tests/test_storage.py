@@ -78,8 +78,13 @@ def restore(store: CheckpointStore, part: str = "domain-00000") -> dict[str, tor
     return {**restored.rows["t"], "saved_step": restored.saved_step["t"]}
 
 
+def entries(directory: Path) -> list[str]:
+    """What a checkpoint folder holds besides its lock file, sorted."""
+    return sorted(p.name for p in directory.iterdir() if p.name != ".lock")
+
+
 def tensor_file(record, part: str, name: str) -> Path:
-    store = CheckpointStore(record.path.parent)
+    store = CheckpointStore(record.path.parent, lock=False)
     (save,) = [s for s in store.saves() if s.folder == record.path]
     manifest = store.load_part(save, part).manifest
     return manifest.folder / manifest.entry(name).file
@@ -142,7 +147,7 @@ def test_subset_save_round_trip_and_layout_checks(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
         store.save(4, "full", "full", {}, extra={"x": object()})
     assert [s.step for s in store.saves()] == [3]
-    assert [p.name for p in tmp_path.iterdir()] == ["save-0000000003-subset"]
+    assert entries(tmp_path) == ["save-0000000003-subset"]
 
 
 def test_composition_takes_the_newest_version_of_each_row(tmp_path):
@@ -207,7 +212,7 @@ def test_retention_keeps_what_composition_needs(tmp_path):
     newest_full = save_full(store, 20)
     save_subset(store, 25, [2])
     assert [(s.step, s.kind) for s in store.saves()] == [(10, "full"), (15, "subset"), (20, "full"), (25, "subset")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(s.folder.name for s in store.saves())
+    assert entries(tmp_path) == sorted(s.folder.name for s in store.saves())
 
     tensor_file(newest_full, "domain-00000", "emb/t/weight").write_bytes(b"")
     with pytest.warns(SkippedSaveWarning, match="save-0000000020-full"):
@@ -234,7 +239,7 @@ def test_flipped_byte_truncation_missing_file_and_tampered_manifest_are_detected
             path.unlink()
         elif damage == "manifest":  # a valid manifest that is not the one the commit record names
             manifest = path.parent / "manifest.json"
-            manifest.write_text(manifest.read_text().replace('"policy": "partial"', '"policy": "partiaL"'))
+            manifest.write_text(manifest.read_text().replace('"policy":"partial"', '"policy":"partiaL"'))
         else:
             (record.path / "commit.json").write_text('{"step": 2, "kind": ')
         with pytest.warns(SkippedSaveWarning, match="save-0000000002-full"):
@@ -275,7 +280,7 @@ def test_failure_mid_save_removes_the_staging_folder_and_keeps_earlier_saves(tmp
     with pytest.raises(OSError, match="No space left") as error:
         save_full(store, 2)
     assert any("step-2" in note and "untouched" in note for note in error.value.__notes__)
-    assert [p.name for p in tmp_path.iterdir()] == ["save-0000000001-full"]
+    assert entries(tmp_path) == ["save-0000000001-full"]
     assert [s.step for s in store.saves()] == [1]
 
 
@@ -329,7 +334,7 @@ def test_sigkill_during_a_save_leaves_the_previous_save_loadable(tmp_path):
     loaded = store.load_part(save, "dense").tensors
     assert torch.equal(loaded["dense/w"], torch.arange(1 << 18, dtype=torch.float32).reshape(-1, 64))
     save_full(store, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["save-0000000001-full", "save-0000000003-full"]
+    assert entries(tmp_path) == ["save-0000000001-full", "save-0000000003-full"]
 
 
 def test_composing_good_saves_warns_nothing(tmp_path):

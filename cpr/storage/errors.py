@@ -3,7 +3,7 @@ from pathlib import Path
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A save folder whose manifest or tensor file is missing, truncated, or fails its checksum."""
+    """A save folder whose manifest or tensor file is missing, truncated, malformed, or fails its checksum."""
 
     def __init__(self, folder: Path, file: str, reason: str):
         self.folder = Path(folder)
@@ -14,3 +14,13 @@ class CorruptCheckpointError(RuntimeError):
 
 class UnwritableDirectoryError(OSError):
     """The checkpoint directory cannot be created or written to."""
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another live process holds the lock of the checkpoint directory (one writer per directory)."""
+
+    def __init__(self, directory: Path, holder: str):
+        self.directory = Path(directory)
+        self.holder = holder
+        super().__init__(f"checkpoint directory {self.directory} is in use by another run ({holder}); "
+                         "wait for that run to end or use another checkpoint directory")

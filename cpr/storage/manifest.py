@@ -1,20 +1,44 @@
 """The metadata of one save: small dataclasses serialised to `manifest.json`.
 
 The manifest is the only thing read to decide what a save holds; tensor files are raw bytes whose dtype,
-shape, size and crc32 are recorded here, so loading never unpickles anything.
+shape, size and crc32 are recorded here, so loading never unpickles anything. The metadata is verified like
+the data: it carries a sha256 of its own content, and every field is checked for type and range when read.
+Any defect, whatever it is, raises CorruptCheckpointError naming the save folder and the reason, so the
+store can fall back to an older save.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import files
 from .errors import CorruptCheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
+CHECKSUM_FIELD = "checksum"
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_JSON_DEPTH = 32  # the manifest itself nests 4 deep; `extra` holds small records
+MAX_DIMS = 64  # torch's own limit
+_MAX_INT = 2**63 - 1
+_CRC32_MAX = 2**32 - 1
+
+# Every dtype a save can hold, by the name the manifest records.
+DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +87,11 @@ class Manifest:
     folder: Path | None = field(default=None, compare=False)
 
     def entry(self, name: str) -> TensorEntry:
-        """The entry of tensor `name`; KeyError naming the save when absent."""
+        """The entry of tensor `name`; KeyError naming the save when absent.
+
+        A verified manifest that lacks a name the caller asks for is the caller's mistake (or a save of
+        another model), not damage, so it is a KeyError rather than a CorruptCheckpointError.
+        """
         for entry in self.tensors:
             if entry.name == name:
                 return entry
@@ -75,43 +103,232 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         del data["folder"]
-        return json.dumps(data, separators=(",", ":"), sort_keys=True)  # compact: read on every restore
+        try:
+            _check_depth(data)  # what the reader would refuse is not written
+        except _Defect as e:
+            raise ValueError(f"manifest of step {self.step}: {e}") from None
+        data[CHECKSUM_FIELD] = content_checksum(data)
+        return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)  # compact: read per restore
 
     @classmethod
     def from_json(cls, text: str, folder: Path) -> Manifest:
-        """Parse a manifest; any malformed field raises CorruptCheckpointError naming the field."""
+        """Parse and verify a manifest; any defect raises CorruptCheckpointError naming the save and the reason."""
+        folder = Path(folder)
+        data = strict_json(text, folder, MANIFEST_FILE)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"invalid JSON: {e}") from e
-        try:
-            version = data["format_version"]
-            if version != FORMAT_VERSION:
-                raise ValueError(f"format_version {version} is not supported (expected {FORMAT_VERSION})")
-            kind = data["kind"]
-            if kind not in SAVE_KINDS:
-                raise ValueError(f"kind {kind!r} is not one of {SAVE_KINDS}")
-            return cls(
-                step=int(data["step"]),
-                policy=str(data["policy"]),
-                kind=kind,
-                tables={name: TableMeta(**meta) for name, meta in data["tables"].items()},
-                shards={name: [(int(s), int(e)) for s, e in ranges] for name, ranges in data["shards"].items()},
-                tensors=[TensorEntry(**{**t, "shape": tuple(t["shape"])}) for t in data["tensors"]],
-                extra=dict(data["extra"]),
-                created=float(data["created"]),
-                nbytes=int(data["nbytes"]),
-                format_version=version,
-                folder=folder,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"malformed field: {e!r}") from e
+            return cls._from_checked(data, folder)
+        except _Defect as e:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, str(e)) from None
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
-        path = Path(folder) / MANIFEST_FILE
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"unreadable: {e}") from e
-        return cls.from_json(text, Path(folder))
+        return cls.from_json(read_text(Path(folder), MANIFEST_FILE), Path(folder))
+
+    @classmethod
+    def _from_checked(cls, data: Any, folder: Path) -> Manifest:
+        _check_depth(data)
+        data = _object(data, "the manifest")
+        version = data.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise _Defect(f"format_version {_shown(version)} is not supported (expected {FORMAT_VERSION})")
+        checksum = data.get(CHECKSUM_FIELD)
+        if not isinstance(checksum, str):
+            raise _Defect(f"{CHECKSUM_FIELD} must be a string such as 'sha256:...', got {_shown(checksum)}")
+        if checksum != content_checksum(data):
+            raise _Defect(f"{CHECKSUM_FIELD} does not match the content: the metadata changed after it was written")
+        _keys(data, _MANIFEST_KEYS, "the manifest")
+
+        kind = data["kind"]
+        if kind not in SAVE_KINDS:
+            raise _Defect(f"kind {_shown(kind)} is not one of {SAVE_KINDS}")
+        created = data["created"]
+        if type(created) not in (int, float) or not math.isfinite(created):
+            raise _Defect(f"created must be a finite number, got {_shown(created)}")
+        tables = {name: _table(name, meta) for name, meta in _object(data["tables"], "tables").items()}
+        shards = {name: _shard_ranges(name, ranges, tables) for name, ranges in _object(data["shards"], "shards").items()}
+        tensors = [_tensor_entry(i, raw) for i, raw in enumerate(_array(data["tensors"], "tensors"))]
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise _Defect("two tensors have the same name")
+        _check_tiling(tensors)
+        nbytes = _int(data["nbytes"], "nbytes")
+        if nbytes != sum(t.nbytes for t in tensors):
+            raise _Defect(f"nbytes {nbytes} is not the sum of the tensors' sizes {sum(t.nbytes for t in tensors)}")
+        return cls(
+            step=_int(data["step"], "step"),
+            policy=_string(data["policy"], "policy"),
+            kind=kind,
+            tables=tables,
+            shards=shards,
+            tensors=tensors,
+            extra=_object(data["extra"], "extra"),
+            created=float(created),
+            nbytes=nbytes,
+            format_version=version,
+            folder=folder,
+        )
+
+
+def read_text(folder: Path, file: str) -> str:
+    """A metadata file of a save folder as text: a regular file inside it, bounded in size, UTF-8."""
+    raw = files.read_file(folder, file, max_size=MAX_MANIFEST_BYTES)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(folder, file, f"not UTF-8 text: {e}") from None
+
+
+def strict_json(text: str, folder: Path, file: str) -> Any:
+    """Parse metadata JSON, refusing duplicate keys, NaN/Infinity, overlong integers and deep nesting."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise CorruptCheckpointError(folder, file, "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError, duplicate keys, NaN, overlong integers
+        raise CorruptCheckpointError(folder, file, f"invalid JSON: {e}") from None
+
+
+def content_checksum(data: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content: its canonical JSON without the checksum field itself."""
+    content = {key: value for key, value in data.items() if key != CHECKSUM_FIELD}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# -- the typed schema --------------------------------------------------------------------------------------
+
+_MANIFEST_KEYS = frozenset(f.name for f in fields(Manifest) if f.name != "folder") | {CHECKSUM_FIELD}
+_TABLE_KEYS = frozenset(f.name for f in fields(TableMeta))
+_ENTRY_KEYS = frozenset(f.name for f in fields(TensorEntry))
+
+
+class _Defect(Exception):
+    """One field of the manifest breaks the schema; the message says which and how."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys in an object: {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_depth(data: Any) -> None:
+    """Bound the nesting iteratively, before anything recursive (canonical JSON, asdict) sees the data."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _Defect(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _Defect(f"{what} must be a JSON object, got {type(value).__name__} {_shown(value)}")
+    return value
+
+
+def _array(value: Any, what: str) -> list[Any]:
+    if type(value) is not list:
+        raise _Defect(f"{what} must be a JSON list, got {type(value).__name__} {_shown(value)}")
+    return value
+
+
+def _keys(value: dict[str, Any], expected: frozenset[str], what: str) -> None:
+    if value.keys() != expected:
+        missing, unknown = sorted(expected - value.keys()), sorted(value.keys() - expected)
+        raise _Defect(f"{what} has " + "; ".join(
+            part for part in (f"missing fields {missing}" if missing else "", f"unknown fields {unknown[:5]}" if unknown else "")
+            if part))
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = _MAX_INT) -> int:
+    if type(value) is not int:  # bools and strings are not ints
+        raise _Defect(f"{what} must be an integer, got {type(value).__name__} {_shown(value)}")
+    if not low <= value <= high:
+        raise _Defect(f"{what} {_shown(value)} is outside [{low}, {high}]")
+    return value
+
+
+def _string(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise _Defect(f"{what} must be a string, got {type(value).__name__} {_shown(value)}")
+    return value
+
+
+def _dtype(value: Any, what: str) -> str:
+    if type(value) is not str or value not in DTYPES:
+        raise _Defect(f"{what} {_shown(value)} is not a known dtype {sorted(DTYPES)}")
+    return value
+
+
+def _table(name: str, meta: Any) -> TableMeta:
+    what = f"tables[{name!r}]"
+    if "/" in name:
+        raise _Defect(f"{what}: a table name holds no '/'")
+    meta = _object(meta, what)
+    _keys(meta, _TABLE_KEYS, what)
+    return TableMeta(rows=_int(meta["rows"], f"{what}.rows"), dim=_int(meta["dim"], f"{what}.dim", low=1),
+                     dtype=_dtype(meta["dtype"], f"{what}.dtype"))
+
+
+def _shard_ranges(name: str, ranges: Any, tables: Mapping[str, TableMeta]) -> list[tuple[int, int]]:
+    out = []
+    for k, pair in enumerate(_array(ranges, f"shards[{name!r}]")):
+        what = f"shards[{name!r}][{k}]"
+        if len(_array(pair, what)) != 2:
+            raise _Defect(f"{what} must be a [start, end] pair, got {_shown(pair)}")
+        # Global rows of the table: a domain's part holds rows [start, end) of it, as many as the table has here.
+        start, end = _int(pair[0], f"{what} start"), _int(pair[1], f"{what} end")
+        if start > end or (name in tables and end - start != tables[name].rows):
+            raise _Defect(f"{what} [{start}, {end}) is not a row range of the part's {name!r} rows")
+        out.append((start, end))
+    return out
+
+
+def _tensor_entry(index: int, raw: Any) -> TensorEntry:
+    what = f"tensors[{index}]"
+    entry = _object(raw, what)
+    _keys(entry, _ENTRY_KEYS, what)
+    name = _string(entry["name"], f"{what}.name")
+    problem = files.plain_name_problem(entry["file"])
+    if problem or entry["file"] == MANIFEST_FILE:
+        raise _Defect(f"{what}.file: {problem or 'is the manifest itself'}")
+    dtype = _dtype(entry["dtype"], f"{what}.dtype")
+    dims = _array(entry["shape"], f"{what}.shape")
+    if len(dims) > MAX_DIMS:
+        raise _Defect(f"{what}.shape has {len(dims)} dimensions, more than {MAX_DIMS}")
+    shape = tuple(_int(d, f"{what}.shape[{k}]") for k, d in enumerate(dims))
+    nbytes = _int(entry["nbytes"], f"{what}.nbytes")
+    if nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)}")
+    checksum = _int(entry["checksum"], f"{what}.checksum", high=_CRC32_MAX)
+    offset = _int(entry["offset"], f"{what}.offset")
+    return TensorEntry(name=name, file=entry["file"], dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum,
+                       offset=offset)
+
+
+def _check_tiling(tensors: list[TensorEntry]) -> None:
+    """Tensors sharing a file lie back to back from its first byte, in order: no gap, no overlap."""
+    ends: dict[str, int] = {}
+    for entry in tensors:
+        if entry.offset != ends.get(entry.file, 0):
+            raise _Defect(f"tensor {entry.name!r} starts at byte {entry.offset} of {entry.file}, "
+                          f"expected {ends.get(entry.file, 0)}")
+        ends[entry.file] = entry.offset + entry.nbytes
+
+
+def file_size(tensors: list[TensorEntry], file: str) -> int:
+    """The size `file` must have: the bytes of the tensors stored in it."""
+    return sum(entry.nbytes for entry in tensors if entry.file == file)

@@ -14,6 +14,9 @@ every part is durable does the coordinator write `commit.json` (naming each part
 manifest), fsync it, rename the staging folder into place and fsync `DIR`, as DCP writes its metadata
 last: a save either is complete under its final name or does not exist. Deletion renames to
 `DIR/.trash-...` before removing, for the same reason.
+
+One job per directory: the coordinator's store holds the directory's lock (see lock.py), and only
+temporary folders of this job or of a dead one are removed.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ import torch
 
 from . import tensor_io
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
-from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta
+from .lock import DirectoryLock, abandoned, job_token, writer_tag
+from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size, read_text, strict_json
 
 _SAVE_NAME = re.compile(r"^save-(\d{10})-(full|subset)$")
 _TMP_PREFIX = ".tmp-"
@@ -104,10 +108,7 @@ class SaveInfo:
     @classmethod
     def read(cls, folder: Path) -> SaveInfo:
         """Parse `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
-        try:
-            data = json.loads((folder / COMMIT_FILE).read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CorruptCheckpointError(folder, COMMIT_FILE, f"unreadable: {e}") from e
+        data = strict_json(read_text(folder, COMMIT_FILE), folder, COMMIT_FILE)
         try:
             if not isinstance(data, dict) or data.get("format_version") != COMMIT_VERSION:
                 raise ValueError(f"format_version is not {COMMIT_VERSION}")
@@ -128,10 +129,12 @@ class SaveInfo:
             if not isinstance(data["extra"], dict) or not isinstance(data["policy"], str) \
                     or data["domain_mode"] not in ("virtual", "ranks"):
                 raise ValueError("extra, policy or domain_mode has the wrong type")
+            if set(data) != {f.name for f in fields(cls) if f.name != "folder"}:
+                raise ValueError(f"fields {sorted(data)}")
             return cls(step=ints["step"], kind=data["kind"], policy=data["policy"], world_size=ints["world_size"],
                        domain_mode=data["domain_mode"], num_domains=ints["num_domains"], parts=parts,
                        extra=data["extra"], created=float(data["created"]), folder=folder)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise CorruptCheckpointError(folder, COMMIT_FILE, f"malformed field: {e!r}") from e
 
 
@@ -227,19 +230,21 @@ def _check_rows(rows: Mapping[str, tuple[int, int]], tables: Mapping[str, TableM
 class CheckpointStore:
     """Stages, commits, lists, verifies, loads and retires multi-part saves under one directory.
 
-    Every process of a job opens the store on the same directory; only the coordinator (`coordinator=True`,
-    rank 0) commits, removes stale temporary folders and applies retention. Retention after every commit:
-    the newest `keep_last` full saves, and every subset save newer than the oldest of them (subsets are
-    deltas on top of a full save). Keep `keep_last >= 2` to be able to fall back past a corrupt newest full
-    save.
+    Every process of a job opens the store on the same directory; only the coordinator (rank 0) commits,
+    removes stale temporary folders and applies retention. Retention after every commit: the newest
+    `keep_last` full saves, and every subset save newer than the oldest of them (subsets are deltas on top
+    of a full save). Keep `keep_last >= 2` to be able to fall back past a corrupt newest full save.
+
+    With `lock` (the coordinator's store; the default) the store holds the directory's lock until `close()`
+    or the process ends, and a second locking store raises DirectoryLockedError naming the holder.
+    `lock=False` is for the other writers of a job whose coordinator holds the lock.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, coordinator: bool = True):
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, lock: bool = True) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-        self.coordinator = coordinator
         probe = self.directory / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -249,18 +254,30 @@ class CheckpointStore:
             probe.unlink()
         except OSError as e:
             raise UnwritableDirectoryError(f"checkpoint directory {self.directory} is not writable: {e}") from e
-        if coordinator:
+        self._lock = DirectoryLock.acquire(self.directory) if lock else None
+        self.token = self._lock.token if self._lock else job_token(self.directory)
+        if self._lock is not None:
             self._remove_stale()
+
+    def close(self) -> None:
+        """Give up the directory's lock (also done when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def stage(self, step: int, kind: str, token: str) -> Path:
-        """The staging folder of a save; every writer of the save passes the same `token`."""
+    def writer_tag(self) -> str:
+        """A staging-folder suffix naming this job (its lock token) and this writer; every rank of a job stages
+        under the coordinator's."""
+        return writer_tag(self.token)
+
+    def stage(self, step: int, kind: str, tag: str) -> Path:
+        """The staging folder of a save; every writer of the save passes the same `tag` (see `writer_tag`)."""
         if kind not in SAVE_KINDS:
             raise ValueError(f"kind must be one of {SAVE_KINDS}, got {kind!r}")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        staging = self.directory / f"{_TMP_PREFIX}{save_folder_name(int(step), kind)}-{token}"
+        staging = self.directory / f"{_TMP_PREFIX}{save_folder_name(int(step), kind)}-{tag}"
         staging.mkdir(exist_ok=True)
         return staging
 
@@ -335,7 +352,7 @@ class CheckpointStore:
     def save(self, step: int, kind: str, policy: str, parts: Mapping[str, PartContent],
              extra: Mapping[str, Any] | None = None, **commit_args: Any) -> SaveRecord:
         """Stage, write every part and commit, in one process (world size 1)."""
-        staging = self.stage(step, kind, uuid.uuid4().hex[:12])
+        staging = self.stage(step, kind, self.writer_tag())
         try:
             records = {name: self.write_part(staging, name, step, kind, policy, content) for name, content in parts.items()}
             return self.commit(staging, step, kind, policy, records, extra=extra, **commit_args)
@@ -381,18 +398,13 @@ class CheckpointStore:
         if part not in save.parts:
             raise KeyError(f"save {save.folder} (step {save.step}, {save.kind}) has no part {part!r}")
         folder = save.folder / part
-        try:
-            text = (folder / MANIFEST_FILE).read_bytes()
-        except OSError as e:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"unreadable: {e}") from e
-        if zlib.crc32(text) != save.parts[part].checksum:
+        text = read_text(folder, MANIFEST_FILE)
+        if zlib.crc32(text.encode()) != save.parts[part].checksum:
             raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
-        try:
-            manifest = Manifest.from_json(text.decode(), folder)
-        except UnicodeDecodeError as e:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, f"not UTF-8: {e}") from e
+        manifest = Manifest.from_json(text, folder)
         entries = manifest.tensors if names is None else [manifest.entry(name) for name in names]
-        tensors = {entry.name: tensor_io.read_tensor(manifest.folder, entry) for entry in entries}
+        tensors = {entry.name: tensor_io.read_tensor(folder, entry, file_size(manifest.tensors, entry.file))
+                   for entry in entries}
         return LoadedPart(manifest, tensors, len(text) + sum(entry.nbytes for entry in entries))
 
     # -- housekeeping ----------------------------------------------------------------------------------
@@ -408,16 +420,16 @@ class CheckpointStore:
 
     def _delete(self, path: Path) -> None:
         # Renamed first so that a crash mid-removal never leaves a partial folder under a save name.
-        trash = self.directory / f"{_TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+        trash = self.directory / f"{_TRASH_PREFIX}{path.name}-{writer_tag(self.token)}"
         os.rename(path, trash)
         _fsync_dir(self.directory)
         shutil.rmtree(trash)
 
     def _remove_stale(self) -> None:
-        """Remove temp and trash folders left by a run killed mid-save or mid-delete."""
-        for path in self.directory.iterdir():
-            if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-                shutil.rmtree(path, ignore_errors=True)
+        """Remove temp and trash folders left by this process or by a run killed mid-save or mid-delete."""
+        names = [path.name for path in self.directory.iterdir() if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX))]
+        for name in abandoned(self.directory, names, self.token):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def _apply_retention(self) -> None:
         folders = self._folders()

@@ -11,22 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
 from .errors import CorruptCheckpointError
-from .manifest import TensorEntry
-
-_DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
-}
+from .manifest import DTYPES, TensorEntry
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise TypeError(f"dtype {dtype} cannot be checkpointed; supported: {sorted(_DTYPES)}")
+    if name not in DTYPES:
+        raise TypeError(f"dtype {dtype} cannot be checkpointed; supported: {sorted(DTYPES)}")
     return name
 
 
@@ -49,47 +42,27 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> list[Tenso
             dtype = dtype_name(tensor.dtype)
             data = _as_bytes(tensor)
             f.write(memoryview(data))
-            entries.append(TensorEntry(
-                name=name,
-                file=path.name,
-                dtype=dtype,
-                shape=tuple(tensor.shape),
-                nbytes=data.nbytes,
-                checksum=zlib.crc32(memoryview(data)),
-                offset=offset,
-            ))
+            entries.append(TensorEntry(name=name, file=path.name, dtype=dtype, shape=tuple(tensor.shape),
+                                       nbytes=data.nbytes, checksum=zlib.crc32(memoryview(data)), offset=offset))
             offset += data.nbytes
         f.flush()
         os.fsync(f.fileno())
     return entries
 
 
-def read_tensor(folder: Path, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor's byte range, checking its size and crc32; CorruptCheckpointError otherwise."""
-    path = Path(folder) / entry.file
-    try:
-        size = path.stat().st_size
-        if size < entry.offset + entry.nbytes:
-            raise CorruptCheckpointError(folder, entry.file, f"size {size} bytes, manifest says "
-                                         f"{entry.nbytes} at offset {entry.offset}")
-        buffer = bytearray(entry.nbytes)
-        with open(path, "rb") as f:
-            f.seek(entry.offset)
-            read = f.readinto(buffer)
-    except FileNotFoundError as e:
-        raise CorruptCheckpointError(folder, entry.file, "file missing") from e
-    except OSError as e:
-        raise CorruptCheckpointError(folder, entry.file, f"unreadable: {e}") from e
-    if read != entry.nbytes:
-        raise CorruptCheckpointError(folder, entry.file, f"read {read} of {entry.nbytes} bytes")
+def read_tensor(folder: Path, entry: TensorEntry, file_size: int) -> torch.Tensor:
+    """Read one tensor: its byte range of a regular file directly inside `folder` that has exactly
+    `file_size` bytes, whose crc32 matches; CorruptCheckpointError otherwise."""
+    if entry.dtype not in DTYPES:
+        raise CorruptCheckpointError(folder, str(entry.file), f"unknown dtype {entry.dtype!r}")
+    buffer = files.read_file(Path(folder), entry.file, size=file_size, offset=entry.offset, length=entry.nbytes)
     checksum = zlib.crc32(buffer)
     if checksum != entry.checksum:
-        raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: crc32 {checksum:#010x} != manifest {entry.checksum:#010x}")
-    if entry.dtype not in _DTYPES:
-        raise CorruptCheckpointError(folder, entry.file, f"unknown dtype {entry.dtype!r}")
+        raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: crc32 {checksum:#010x} != manifest "
+                                     f"{entry.checksum:#010x}")
     raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
     try:
-        return raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
-    except RuntimeError as e:
+        return raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
+    except (RuntimeError, TypeError, ValueError) as e:
         reason = f"{entry.nbytes} bytes do not form {entry.dtype}{list(entry.shape)}"
         raise CorruptCheckpointError(folder, entry.file, reason) from e

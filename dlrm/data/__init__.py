@@ -1,11 +1,11 @@
 """Criteo data for DLRM training: `open_dataset` picks the source (built-in synthetic set, TSV or npy),
 loads it and holds out the last rows for evaluation."""
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dlrm.data.arrays import CriteoArrays
+from dlrm.cache import default_cache_dir
 from dlrm.data.errors import CriteoDataError
 from dlrm.data.npy import load_npy
 from dlrm.data.synthetic import synthetic_tsv
@@ -25,12 +25,6 @@ class Dataset:
     eval: CriteoArrays
     stats: ReadStats
     source: str
-
-
-def default_cache_dir() -> Path:
-    """Where the synthetic set is cached: `$CPR_CACHE/synthetic`, else `~/.cache/cpr/synthetic`."""
-    root = os.environ.get("CPR_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "cpr") / "synthetic"
 
 
 def open_dataset(
@@ -74,9 +68,11 @@ def open_dataset(
         reader = TsvReader(paths, table_rows, layout=data_format, skip_bad_rows=skip_bad_rows)
         rows = CriteoArrays.concat(list(reader))
         stats = reader.stats
-    num_eval = round(len(rows) * eval_fraction)
+    # At least one held-out row when any are asked for: an empty evaluation set has no loss to report.
+    num_eval = max(1, round(len(rows) * eval_fraction)) if eval_fraction > 0 else 0
     if len(rows) - num_eval < 1:
-        raise CriteoDataError(paths[0], f"{len(rows)} usable rows leave none for training")
+        raise CriteoDataError(paths[0], f"{len(rows)} usable rows: holding out {num_eval} for evaluation "
+                                        "leaves none for training (at least 2 rows are needed)")
     split = len(rows) - num_eval
     return Dataset(train=rows[:split], eval=rows[split:], stats=stats, source=source)
 

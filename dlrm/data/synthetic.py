@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlrm import cache
 from dlrm.data.schema import NUM_COLUMNS, NUM_DENSE, NUM_SPARSE
 
 FORMAT_VERSION = 1  # bump when the generator changes, so cached files are not reused
@@ -45,6 +46,7 @@ def synthetic_tsv(
 
     The file's bytes depend only on (num_rows, table_rows, zipf_alpha, seed); it is written under a temporary
     name and renamed, so a concurrent or interrupted run never leaves a partial file under the final name.
+    A new file makes the least recently used ones go when the folder grows past its bound (see dlrm/cache.py).
     """
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows}")
@@ -55,12 +57,15 @@ def synthetic_tsv(
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic_criteo_{num_rows}_{digest}.tsv"
     if path.exists():
+        cache.mark_used(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     text = _generate(num_rows, rows, zipf_alpha, seed)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = cache.temp_path(path)
     tmp.write_bytes(text)
     os.replace(tmp, path)
+    cache.mark_used(path)
+    cache.prune(path.parent, keep=path)
     return path
 
 

@@ -4,7 +4,7 @@ Each chunk of lines is first parsed by a vectorised numpy path that also validat
 rejects is parsed again line by line, which names the exact line and field of the problem (or, with
 `skip_bad_rows`, drops the bad lines and counts them). Both paths apply the same rules:
 - empty fields are missing (dense -> 0, categorical -> row 0), the label must be "0" or "1";
-- dense values are decimal integers, possibly negative, transformed by `log(1 + max(x, 0))`;
+- dense values are decimal 64-bit integers, possibly negative, transformed by `log(1 + max(x, 0))`;
 - categorical values are hexadecimal ids of at most 16 digits (64 bits), hashed by `id % table_rows[i]`;
 - lines end in LF or CRLF; blank lines are ignored.
 """
@@ -26,6 +26,9 @@ DEFAULT_CHUNK_ROWS = 65536
 MAX_SKIP_REASONS = 5
 
 _MAX_ID_DIGITS = 16  # 64-bit ids
+_DENSE_RANGE = range(-(2**63), 2**63)  # 64-bit dense values
+_MAX_DENSE_CHARS = 20  # a sign and 19 digits; longer text is out of range without parsing it
+_MAX_SHOWN = 40  # characters of a bad value quoted in a message
 _PAD = 16  # zero bytes before a chunk's first field, so every field end has two 8-byte words before it
 _DENSE_COLS = slice(1, 1 + NUM_DENSE)
 _SPARSE_COLS = slice(1 + NUM_DENSE, NUM_COLUMNS)
@@ -200,7 +203,8 @@ def _split_line(line: bytes) -> list[bytes]:
 
 
 def _shown(value: bytes) -> str:
-    return repr(value.decode("utf-8", errors="replace"))
+    text = value.decode("utf-8", errors="replace")
+    return repr(text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "...")
 
 
 def _parse_fields(fields: list[bytes]) -> tuple[float, list[float], list[int]]:
@@ -216,6 +220,8 @@ def _parse_fields(fields: list[bytes]) -> tuple[float, list[float], list[int]]:
     for name, value in zip(COLUMN_NAMES[_DENSE_COLS], fields[_DENSE_COLS]):
         if value and not _DECIMAL.fullmatch(value):
             raise _FieldError(name, f"{_shown(value)} is not an integer")
+        if len(value) > _MAX_DENSE_CHARS or (value and int(value) not in _DENSE_RANGE):
+            raise _FieldError(name, f"{_shown(value)} ({len(value)} characters) is out of range: dense values are 64-bit integers")
         dense.append(float(int(value)) if value else 0.0)
     ids: list[int] = []
     for name, value in zip(COLUMN_NAMES[_SPARSE_COLS], fields[_SPARSE_COLS]):
