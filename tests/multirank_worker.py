@@ -29,18 +29,47 @@ def _arrays(n: int = 2048):
                         (rng.random(n) < 0.3).astype(np.float32))
 
 
-def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False):
-    """A fresh model, optimizer, reader and checkpointer on this rank."""
+class FirstFeatures:
+    """A reader of the first `n` categorical features only (a model with fewer tables than ranks)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from torchrec.datasets.utils import Batch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        for batch in self.loader:
+            kjt, size = batch.sparse_features, batch.labels.numel()
+            sparse = KeyedJaggedTensor.from_lengths_sync(  # values are key-major: the first n keys come first
+                keys=kjt.keys()[: self.n], values=kjt.values()[: self.n * size], lengths=kjt.lengths()[: self.n * size])
+            yield Batch(batch.dense_features, sparse, batch.labels)
+
+
+def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False, tables: int | None = None):
+    """A fresh model, optimizer, reader and checkpointer on this rank (`tables`: only the first few features)."""
     from cpr import CPRCheckpointer
     from dlrm.data.loader import BatchLoader
-    from dlrm.data.schema import NUM_SPARSE
+    from dlrm.data.schema import NUM_SPARSE, SPARSE_NAMES
     from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
 
     torch.manual_seed(seed + dist.get_rank())
-    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * NUM_SPARSE), torch.device("cpu"),
-                     "rowwise_adagrad", 0.05, sharding=sharding)
+    features = SPARSE_NAMES[: tables or NUM_SPARSE]
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * len(features), features),
+                     torch.device("cpu"), "rowwise_adagrad", 0.05, sharding=sharding)
     optimizer = build_optimizer(model, 0.05)
     reader = BatchLoader(_arrays(), 32, rank=dist.get_rank(), world_size=dist.get_world_size())
+    if tables:
+        reader = FirstFeatures(reader, tables)
     ckpt = CPRCheckpointer(model, optimizer, directory, policy=policy, total_steps=STEPS, reader=reader,
                            interval_steps=INTERVAL, resume=resume)
     return model, optimizer, reader, ckpt
@@ -65,9 +94,9 @@ def _train(model, optimizer, ckpt, reader, steps: int, schedule=None) -> None:
     train(model, optimizer, ckpt, reader, steps, schedule=schedule, lr_decay="none", log_every=1000)
 
 
-def partial(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+def partial(out: Path, sharding: str, failed: int, tables: int | None = None) -> dict[str, Any]:
     """Train to step 10 (full saves at 0, 4, 8), then domain `failed` fails: partial recovery."""
-    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial")
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial", tables=tables)
     _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
     saved = _state(ckpt)  # the newest save (step 8) holds exactly this
     _train(model, optimizer, ckpt, reader, STEPS - 2)
@@ -104,6 +133,33 @@ def resume(out: Path, sharding: str, failed: int) -> dict[str, Any]:
     resumed_at = ckpt.global_step
     _train(model, optimizer, ckpt, reader, STEPS)
     return {"clean": clean, "resumed": _state(ckpt), "resumed_at": resumed_at}
+
+
+def two_tables(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """A model of two tables on more ranks than tables: some rank holds none and still takes part."""
+    return partial(out, sharding, failed, tables=2)
+
+
+def failed_save(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Rank `failed` cannot write its part of the step-4 save (disk full): the save is abandoned on every rank
+    and training goes on; the step-8 save commits."""
+    import errno
+
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial")
+    if dist.get_rank() == failed:
+        real_write = ckpt.store.write_part
+
+        def disk_full_at_step_4(staging, part, step, *args):
+            if step == INTERVAL:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(staging, part, step, *args)
+
+        ckpt.store.write_part = disk_full_at_step_4
+    _train(model, optimizer, ckpt, reader, STEPS)
+    report = ckpt.report()
+    return {"saves": [(s.step, s.kind) for s in ckpt.store.saves()], "failed_saves": report["failed_saves"],
+            "left": sorted(p.name for p in (out / "ckpt").iterdir() if p.name.startswith(".tmp-")),
+            "step": ckpt.global_step}
 
 
 def mismatch(out: Path, sharding: str, failed: int) -> dict[str, Any]:

@@ -76,3 +76,43 @@ def test_a_checkpoint_of_another_world_size_is_refused_clearly(tmp_path):
     (tmp_path / "crashed").rename(tmp_path / "written-by-other-world")
     for r in spawn(tmp_path, "mismatch", 3):
         assert r["error"] and "world size 2" in r["error"] and "world size 3" in r["error"]
+
+
+def test_a_rank_without_tables_is_a_domain_too(tmp_path):
+    """Two tables on three ranks (table-wise): one rank holds nothing, saves and recoveries still work."""
+    ranks = spawn(tmp_path, "two_tables", 3, failed=1)
+    assert sorted(len(r["holds"]) for r in ranks) == [0, 1, 1]
+    for rank, r in enumerate(ranks):
+        for key, value in r["after"].items():
+            expected = r["saved"] if rank == 1 and not key.startswith("dense/") else r["before"]
+            assert torch.equal(value, expected[key]), f"rank {rank} {key}"
+
+
+def test_a_part_that_cannot_be_written_abandons_the_save_on_every_rank(tmp_path):
+    for r in spawn(tmp_path, "failed_save", 2, failed=1):
+        assert r["step"] == multirank_worker.STEPS  # training went on
+        assert [(f["step"], f["kind"]) for f in r["failed_saves"]] == [(4, "full")]
+        assert "No space left" in r["failed_saves"][0]["error"] and "rank 1" in r["failed_saves"][0]["error"]
+        assert (4, "full") not in r["saves"] and (8, "full") in r["saves"]  # nothing half-committed; retried
+        assert r["left"] == []  # the abandoned staging folder is gone
+
+
+def test_column_wise_sharding_is_refused_with_a_clear_message(process_group):
+    from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan
+    from torchrec.distributed.types import ShardingPlan
+
+    from cpr.tables import EmbeddingTables, UnsupportedShardingError
+    from dlrm.model import MODEL_CONFIGS, build_model
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    model = build_model(MODEL_CONFIGS["kaggle"], [20, 20], ["cat_0", "cat_1"])
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    sharder = EmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(ebc, {"t_cat_0": column_wise(ranks=[0, 0], compute_kernel="fused"),
+                                                "t_cat_1": column_wise(ranks=[0, 0], compute_kernel="fused")},
+                                          local_size=1, world_size=1, device_type="cpu", sharder=sharder)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=[sharder],
+                                   plan=ShardingPlan({"model.sparse_arch.embedding_bag_collection": plan}))
+    with pytest.raises(UnsupportedShardingError, match="column-wise"):
+        EmbeddingTables(dmp)
