@@ -23,6 +23,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import _init_optim_state
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -118,6 +119,10 @@ class CPRCheckpointer:
         self.optimizer = optimizer
         self.reader = reader
         self.coordinator = coordinator or Coordinator()
+        # Optimizers such as Adam create their state at the first step; every save (the initial one too) and
+        # every `Stateful` load must find it, so it is created now, as torch.distributed.checkpoint does
+        # (a step with zero gradients and learning rate 0; it leaves the parameters as they are).
+        _init_optim_state(optimizer)
         self.tables = EmbeddingTables(model, optimizer)
         self.profile = profile or ClusterProfile.preset("production")
         world = self.coordinator.world_size
@@ -174,7 +179,7 @@ class CPRCheckpointer:
             full_bytes=own_bytes,
         )
         self.global_step = 0
-        if resume and self._rollback(self.store.saves()) is not None:
+        if resume and self._rollback(self.store.saves(), resume=True) is not None:
             return
         if self.policy.recovery != "none":
             # A failure before the first periodic save must still find the domain's rows somewhere.
@@ -242,6 +247,10 @@ class CPRCheckpointer:
             content = self._domain_part(domain, decision)
             if content is not None:
                 parts[domain_part(domain)] = content
+        if decision.kind == "full" and self.layout.local:
+            # This process's record of the run so far: a resumed run continues it (every rank keeps its own).
+            first = domain_part(self.layout.local[0])
+            parts[first] = dataclasses.replace(parts[first], extra={"ledger": self.ledger.state_dict()})
         if decision.kind == "full" and self.coordinator.is_coordinator:
             parts[DENSE_PART] = PartContent(dense.capture(self.model, self.optimizer, self.tables))
         return parts
@@ -278,7 +287,7 @@ class CPRCheckpointer:
                         world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
                         num_domains=self.layout.num_shards,
                         extra={"reader": self.reader.state_dict() if self.reader is not None else None,
-                               "reason": decision.reason},
+                               "policy": self.policy.state_dict(), "reason": decision.reason},
                     )
                 except OSError as err:
                     outcome = f"commit: {type(err).__name__}: {err}"
@@ -336,9 +345,10 @@ class CPRCheckpointer:
         loaded[DENSE_PART] = self.store.load_part(save, DENSE_PART)
         return loaded
 
-    def _rollback(self, saves: Sequence[SaveInfo]) -> tuple[int, int] | None:
+    def _rollback(self, saves: Sequence[SaveInfo], resume: bool = False) -> tuple[int, int] | None:
         """Return everything to the newest full save every rank can load; (its step, bytes read here), or
-        None if there is no full save at all."""
+        None if there is no full save at all. With `resume` (a restart after a crash) the run's record, kept
+        in the save, is taken back too; an emulated full recovery keeps counting on the live record."""
         fulls = [s for s in saves if s.kind == "full"]
         skipped = []
         for save in reversed(fulls):
@@ -362,6 +372,9 @@ class CPRCheckpointer:
             if self.reader is not None and save.extra.get("reader") is not None:
                 self.reader.load_state_dict(save.extra["reader"])
             self.global_step = save.step
+            self.policy.load_state_dict(save.extra.get("policy") or {}, save.step)
+            if resume:
+                self._resume_record(save, loaded)
             for table in self.tables.tables:
                 self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
             self.coordinator.all_gather(None)  # every rank has read the save before any newer one is removed
@@ -371,6 +384,15 @@ class CPRCheckpointer:
         if skipped:
             raise CorruptCheckpointError(self.store.directory, ", ".join(skipped), "no loadable full save remains")
         return None
+
+    def _resume_record(self, save: SaveInfo, loaded: Mapping[str, LoadedPart]) -> None:
+        """Continue the record the save holds: everything up to it, and the save itself."""
+        state = next((part.manifest.extra["ledger"] for part in loaded.values() if "ledger" in part.manifest.extra), None)
+        if state is None:
+            return
+        self.ledger.load_state_dict(state)
+        own = [domain_part(d) for d in self.layout.local] + ([DENSE_PART] if self.coordinator.is_coordinator else [])
+        self.ledger.record_save(save.step, save.kind, sum(save.parts[p].nbytes for p in own if p in save.parts), 0.0)
 
     def _apply_full(self, loaded: Mapping[str, LoadedPart]) -> None:
         with torch.no_grad():

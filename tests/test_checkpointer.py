@@ -268,3 +268,76 @@ def test_checkpointer_is_stateful_for_torch_distributed_checkpoint(dmp_model, tm
         assert torch.equal(value, rows[key]), key
     for key, value in dense_params(model).items():
         assert torch.equal(value, dense_state[key]), key
+
+
+def _adam_job(tmp_path, name: str):
+    ebc, _ = plain_ebc([40, 30, 20])
+    optimizer = torch.optim.Adam(ebc.parameters(), lr=0.05)  # creates its state lazily, at the first step
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / name, policy="partial", num_shards=2, total_steps=50,
+                           interval_steps=25)
+    return ebc, optimizer, ckpt
+
+
+def _adam_step(ebc, optimizer, ckpt, batch) -> None:
+    ckpt.observe(batch)
+    optimizer.zero_grad()
+    sum(v.sum() for v in ebc(batch.sparse_features).to_dict().values()).backward()
+    optimizer.step()
+    ckpt.step()
+
+
+def test_an_optimizer_with_lazily_created_state_recovers_right_after_the_start(tmp_path):
+    ebc, optimizer, ckpt = _adam_job(tmp_path, "adam")
+    assert set(ckpt.tables.row_states("t0")) == {"exp_avg", "exp_avg_sq"}  # in the initial save already
+    initial = ckpt.store.load_part(ckpt.store.saves()[0], "domain-00001").tensors
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(2):
+        _adam_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
+    ckpt.recover([1])
+    start, end = ckpt.layout.rows("t0", 1)
+    assert torch.equal(ckpt.tables.weight("t0")[start:end], initial["emb/t0/weight"])
+    assert torch.equal(ckpt.tables.row_states("t0")["exp_avg_sq"][start:end], initial["emb/t0/opt/exp_avg_sq"])
+
+
+def test_stateful_round_trip_keeps_a_lazily_created_optimizer_state(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ebc, optimizer, ckpt = _adam_job(tmp_path, "a")
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        _adam_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
+    dcp.save({"cpr": ckpt}, checkpoint_id=str(tmp_path / "dcp"))
+    saved = {id_: {k: v.clone() for k, v in state.items()} for id_, state in enumerate(optimizer.state.values())}
+
+    fresh_ebc, fresh_optimizer, fresh = _adam_job(tmp_path, "b")  # a new process would start like this
+    dcp.load({"cpr": fresh}, checkpoint_id=str(tmp_path / "dcp"))
+    loaded = list(fresh_optimizer.state.values())
+    assert len(loaded) == len(saved) == 3
+    for i, state in enumerate(loaded):
+        for key, value in saved[i].items():
+            assert torch.equal(state[key], value), (i, key)
+    assert fresh.global_step == 3
+
+
+def test_a_save_the_disk_refuses_is_reported_and_training_goes_on(dmp_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    model, optimizer = dmp_model
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_shards=2, total_steps=100, interval_steps=2)
+    real_write = ckpt.store.write_part
+
+    def disk_full_at_step_2(staging, part, step, *args):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(staging, part, step, *args)
+
+    monkeypatch.setattr(ckpt.store, "write_part", disk_full_at_step_2)
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(4):
+        train_step(model, optimizer, ckpt, make_batch(gen))
+    assert "step-2 full save failed" in capsys.readouterr().err
+    report = ckpt.report()
+    assert [(f["step"], f["kind"]) for f in report["failed_saves"]] == [(2, "full")]
+    assert [s.step for s in ckpt.store.saves()] == [0, 4]  # the next save went through
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert ckpt.recover([0]).step == 4

@@ -49,3 +49,30 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     summary = run(parse_args([*SMALL, "--policy", "full", "--failures", "0", "--steps", "5", "--out", str(tmp_path / "r"), "--resume"]))
     assert summary["steps_executed"] == 5
+
+
+MFU = [*SMALL, "--policy", "mfu", "--failures", "0", "--steps", "300", "--interval-steps", "100"]
+
+
+def test_a_resumed_mfu_run_continues_the_record_and_makes_the_same_saves(tmp_path):
+    baseline = run(parse_args([*MFU, "--out", str(tmp_path / "baseline")]))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cpr.train", *MFU, "--log-every", "10", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        _wait_for(out / "checkpoints" / "save-0000000100-full", proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    before_kill = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(line.get("step", 0) <= 100 and "train_loss" in line for line in before_kill)  # flushed as written
+
+    resumed = run(parse_args([*MFU, "--log-every", "10", "--out", str(out), "--resume"]))
+    assert resumed["steps_executed"] < resumed["steps"]  # it did not start over
+    saves = [(c["step"], c["kind"]) for c in resumed["checkpoints"]]
+    assert saves == [(c["step"], c["kind"]) for c in baseline["checkpoints"]]  # the whole run, same saves
+    assert resumed["policy_settings"]["subset_interval_steps"] == baseline["policy_settings"]["subset_interval_steps"]
+    assert resumed["total_updates"] == baseline["total_updates"]
+    assert resumed["auc"] == pytest.approx(baseline["auc"], abs=1e-6)
+    after = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert after[: len(before_kill)] == before_kill  # the resumed run appends to the record

@@ -66,6 +66,10 @@ def test_partial_recovery_accounting(baseline, tmp_path):
     assert sum(1 for line in lines if line.get("event") == "failure") == 4
     assert "eval_auc" in lines[-1]
     assert json.loads((out / "config.json").read_text())["policy"] == "partial"
+    # throughput: wall clock, saves and recoveries included, beside the rate of the training steps alone
+    assert summary["recovery_seconds"] > 0
+    assert summary["samples_per_s"] == pytest.approx(summary["samples"] / summary["wall_seconds"])
+    assert summary["samples_per_s"] < summary["step_samples_per_s"]
 
 
 def test_cli_end_to_end(tmp_path):

@@ -83,6 +83,14 @@ class CheckpointPolicy(ABC):
         """The policy's chosen settings, for reports."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy decided so far (its plan), as JSON-ready data kept in every save, so a resumed run
+        decides as the uninterrupted one would."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
+        """Take back a `state_dict()` saved in the full save of step `step` that the run resumes from."""
+
     def memory_bytes(self) -> int:
         """Memory the policy keeps to decide (e.g. access counters), beyond the model."""
         return 0

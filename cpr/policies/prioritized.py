@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import asdict
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -137,6 +137,19 @@ class PrioritizedPolicy(CheckpointPolicy):
         access = AccessProfile([g for rank_groups, _, _ in gathered for g in rank_groups], window)
         row_bytes = {table: n for _, _, per_table in gathered for table, n in per_table.items()}
         return access, sum(n for _, n, _ in gathered), row_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": None if self.plan is None else asdict(self.plan),
+                "full_interval_steps": self.full_interval_steps, "subset_interval_steps": self.subset_interval_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
+        # Resumed from the full save of `step`: counters, samples and saved copies all start from that save.
+        self._step = self._last_full = step
+        self.full_interval_steps = int(state["full_interval_steps"])
+        self.subset_interval_steps = int(state["subset_interval_steps"])
+        if state.get("plan") is not None:
+            self.plan = PrioritizedPlan(**state["plan"])
+            self.apply_plan(self.plan)
 
     @abstractmethod
     def access_profile(self, window: int) -> AccessProfile:
@@ -369,6 +382,11 @@ class SCARPolicy(_TopFractionPolicy):
             else:
                 for table, ids in plan.rows.items():
                     self._saved[table][ids] = self.context.tables.weight(table)[ids]
+
+    def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
+        super().load_state_dict(state, step)
+        # The rows were just restored from the save: they are the saved copy.
+        self._saved = {t: self.context.tables.weight(t).detach().clone() for t in self.context.tables.tables}
 
     def memory_bytes(self) -> int:
         return sum(t.nbytes for t in self._saved.values())

@@ -78,6 +78,7 @@ class PartContent:
     tensors: Mapping[str, torch.Tensor]
     tables: Mapping[str, TableMeta] = field(default_factory=dict)
     rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready data of the writer, kept in the manifest
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ class CheckpointStore:
             entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors)
             manifest = Manifest(
                 step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
-                tensors=entries, extra={"part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
+                tensors=entries, extra={**content.extra, "part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
             )
             text = manifest.to_json().encode()
             with open(folder / MANIFEST_FILE, "wb") as f:
