@@ -21,7 +21,8 @@ class CheckpointEvent:
     step: int
     kind: str
     bytes: int
-    seconds: float
+    seconds: float  # training stalled: the snapshot and the commit (the whole write for a synchronous save)
+    persist_seconds: float = 0.0  # writing the parts (in the background for an asynchronous save)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class RunLedger:
     def _scaled(self, hours: float, nbytes: int) -> float:
         return hours * nbytes / self.full_bytes if self.full_bytes else 0.0
 
-    def record_save(self, step: int, kind: str, nbytes: int, seconds: float) -> None:
-        self.checkpoints.append(CheckpointEvent(step, kind, nbytes, seconds))
+    def record_save(self, step: int, kind: str, nbytes: int, seconds: float, persist_seconds: float = 0.0) -> None:
+        self.checkpoints.append(CheckpointEvent(step, kind, nbytes, seconds, persist_seconds))
 
     def record_failed_save(self, step: int, kind: str, error: str) -> None:
         self.failed_saves.append(FailedSave(step, kind, error))
@@ -122,7 +123,8 @@ class RunLedger:
             full_bytes=sum(l.full_bytes for l in ledgers),
             total_updates=sum(l.total_updates for l in ledgers),
             checkpoints=[
-                dataclasses.replace(events[0], bytes=sum(e.bytes for e in events), seconds=max(e.seconds for e in events))
+                dataclasses.replace(events[0], bytes=sum(e.bytes for e in events), seconds=max(e.seconds for e in events),
+                                    persist_seconds=max(e.persist_seconds for e in events))
                 for events in zip(*(l.checkpoints for l in ledgers))
             ],
             failures=[

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from cpr.storage import (
     CorruptCheckpointError,
     LoadedPart,
     PartContent,
+    PartRecord,
     SaveInfo,
     SkippedSaveWarning,
     TableMeta,
@@ -73,6 +75,19 @@ class RecoveryResult:
     failures: tuple[FailureEvent, ...] = field(default_factory=tuple)
 
 
+@dataclass
+class _PendingSave:
+    """A save whose snapshot is taken and whose parts are being written (or were, when `written` is set)."""
+
+    decision: SavePlan
+    parts: dict[str, PartContent]
+    counts: dict[str, torch.Tensor]  # the access counters the save cleared, given back should it fail
+    extra: dict[str, Any]  # the commit record's: reader position and policy state at the snapshot
+    future: Future | None = None
+    written: tuple | None = None
+    stall_seconds: float = 0.0
+
+
 class CPRCheckpointer:
     """Checkpointing with partial recovery for a TorchRec model, on one rank or many.
 
@@ -94,6 +109,8 @@ class CPRCheckpointer:
         resume: continue a run that died (a real crash, not an emulated failure): everything, including
             `global_step` and the reader, starts from the newest loadable full save in `directory`, if any.
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
+        async_save: write saves in a background thread while training goes on (the snapshot copy is the
+            only stall); False writes them inside `step()`.
     """
 
     def __init__(
@@ -112,6 +129,7 @@ class CPRCheckpointer:
         policy_options: Mapping[str, Any] | None = None,
         resume: bool = False,
         coordinator: Coordinator | None = None,
+        async_save: bool = True,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -179,11 +197,16 @@ class CPRCheckpointer:
             full_bytes=own_bytes,
         )
         self.global_step = 0
+        self._pending: _PendingSave | None = None
+        # One writer thread: at most one save in flight, and its parts are written in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
         if resume and self._rollback(self.store.saves(), resume=True) is not None:
             return
         if self.policy.recovery != "none":
-            # A failure before the first periodic save must still find the domain's rows somewhere.
+            # A failure before the first periodic save must still find the domain's rows somewhere: the
+            # initial save is committed before training starts.
             self._save(SavePlan("full", reason="initial state"))
+            self.flush()
 
     # -- training-loop hooks ---------------------------------------------------------------------------
     def observe(self, batch: Batch | KeyedJaggedTensor) -> None:
@@ -202,13 +225,20 @@ class CPRCheckpointer:
         self.ledger.record_updates(int(kjt.values().numel()))
 
     def step(self) -> SavePlan | None:
-        """Count one finished training step and save if the policy says so; returns what was saved, or
-        None (also when the save failed: it is reported and the next one retries)."""
+        """Count one finished training step; commit a save whose background write has finished, and start
+        the save the policy asks for now. Returns that decision, or None (also when its save could not even
+        be staged). A save that fails is reported and abandoned, never raised: the next one retries."""
         self.global_step += 1
+        self._poll_pending()
         decision = self.policy.decide(self.global_step)
         if decision is not None and self._save(decision):
             return decision
         return None
+
+    def flush(self) -> None:
+        """Wait for the save in flight, if any, and commit it (collective)."""
+        if self._pending is not None:
+            self._commit(self._pending)
 
     # -- saving -----------------------------------------------------------------------------------------
     def _domain_part(self, domain: int, decision: SavePlan) -> PartContent | None:
@@ -221,9 +251,9 @@ class CPRCheckpointer:
             if start == end:
                 continue
             weight, states = self.tables.weight(table), self.tables.row_states(table)
-            if decision.kind == "full":
-                tensors[weight_name(table)] = weight[start:end]
-                tensors.update({state_name(table, s): v[start:end] for s, v in states.items()})
+            if decision.kind == "full":  # copies: training goes on while they are written
+                tensors[weight_name(table)] = weight[start:end].detach().clone()
+                tensors.update({state_name(table, s): v[start:end].detach().clone() for s, v in states.items()})
             else:
                 ids = decision.rows.get(table)
                 if ids is None:
@@ -256,18 +286,75 @@ class CPRCheckpointer:
         return parts
 
     def _save(self, decision: SavePlan) -> bool:
-        """Write this process's parts, commit when every rank's are durable; False if the save failed."""
-        start = time.perf_counter()
-        step, kind = self.global_step, decision.kind
+        """Snapshot what `decision` saves, then persist it (in the background, or here with `async_save`
+        off) and commit it once every rank's parts are durable. At most one save is in flight: a decision
+        made while one is still being written first waits for it to commit. False if nothing was started."""
+        self.flush()
+        started = time.perf_counter()
+        step = self.global_step
         parts = self._parts(decision)
-        records, error, staging = {}, None, None
-        if parts or self.coordinator.world_size > 1:
+        pending = _PendingSave(
+            decision=dataclasses.replace(decision, step=step),
+            parts=parts,
+            counts=({t: self.tracker.counts(t) for t in self.tables.tables} if decision.kind == "full" else
+                    {t: self.tracker.counts(t, rows=ids) for t, ids in decision.rows.items() if t in self.tables.tables}),
+            extra={"reader": self.reader.state_dict() if self.reader is not None else None,
+                   "policy": self.policy.state_dict(), "reason": decision.reason},
+        )
+        # The marks and the policy's plan take this save into account now, whenever its write finishes, so a
+        # seeded run decides the same whatever the disk's speed; should the save fail, both are undone and
+        # the next save retries.
+        self._mark_saved(pending.decision)
+        self.policy.after_save(pending.decision)
+        if self._executor is None:
+            pending.written = self._persist(pending)
+        else:
+            pending.future = self._executor.submit(self._persist, pending)
+        pending.stall_seconds = time.perf_counter() - started
+        self._pending = pending
+        if self._executor is None:
+            self._commit(pending)
+        return True
+
+    def _mark_saved(self, decision: SavePlan) -> None:
+        if decision.kind == "full":
+            for table in self.tables.tables:
+                self.tracker.mark_saved(table)
+        else:
+            for table, ids in decision.rows.items():
+                if table in self.tables.tables:
+                    self.tracker.mark_saved(table, rows=ids)
+
+    def _persist(self, pending: _PendingSave) -> tuple[dict[str, PartRecord], str | None, Path | None, float]:
+        """Write this process's parts into the save's staging folder: (records, error, staging, seconds)."""
+        started = time.perf_counter()
+        decision = pending.decision
+        records: dict[str, PartRecord] = {}
+        error, staging = None, None
+        if pending.parts or self.coordinator.world_size > 1:
             try:
-                staging = self.store.stage(step, kind, self._staging_tag)
-                for name, content in parts.items():
-                    records[name] = self.store.write_part(staging, name, step, kind, self.policy.name, content)
+                staging = self.store.stage(decision.step, decision.kind, self._staging_tag)
+                for name, content in pending.parts.items():
+                    records[name] = self.store.write_part(staging, name, decision.step, decision.kind,
+                                                          self.policy.name, content)
             except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
                 error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
+        return records, error, staging, time.perf_counter() - started
+
+    def _poll_pending(self) -> None:
+        """Commit the save in flight if every rank has written its parts (one small collective per step
+        while a save is in flight, so the ranks commit at the same step)."""
+        pending = self._pending
+        if pending is not None and self.coordinator.all_true(pending.future is None or pending.future.done()):
+            self._commit(pending)
+
+    def _commit(self, pending: _PendingSave) -> bool:
+        """Wait for this process's parts, then commit the save where every rank's parts are durable, or
+        abandon it everywhere; the marks take effect only on commit."""
+        self._pending = None
+        started = time.perf_counter()
+        records, error, staging, persist_seconds = pending.future.result() if pending.future else pending.written
+        step, kind = pending.decision.step, pending.decision.kind
         gathered = self.coordinator.all_gather((records, error))
         errors = [e for _, e in gathered if e]
         if kind == "subset" and not errors and not any(r for r, _ in gathered):
@@ -285,28 +372,22 @@ class CPRCheckpointer:
                     self.store.commit(
                         staging, step, kind, self.policy.name, {k: v for r, _ in gathered for k, v in r.items()},
                         world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
-                        num_domains=self.layout.num_shards,
-                        extra={"reader": self.reader.state_dict() if self.reader is not None else None,
-                               "policy": self.policy.state_dict(), "reason": decision.reason},
+                        num_domains=self.layout.num_shards, extra=pending.extra,
                     )
                 except OSError as err:
                     outcome = f"commit: {type(err).__name__}: {err}"
         outcome = self.coordinator.broadcast(outcome)
         if outcome is not None:
             self.ledger.record_failed_save(step, kind, outcome)
+            for table, counts in pending.counts.items():  # those accesses are not saved after all
+                self.tracker.add_counts(table, counts, rows=None if kind == "full" else pending.decision.rows[table])
+            self.policy.save_failed(pending.decision)
             if self.coordinator.is_coordinator:
                 print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
                       "goes on and the next save retries", file=sys.stderr)
             return False
-        if kind == "full":
-            for table in self.tables.tables:
-                self.tracker.mark_saved(table)
-        else:
-            for table, ids in decision.rows.items():
-                if table in self.tables.tables:
-                    self.tracker.mark_saved(table, rows=ids)
-        self.policy.after_save(decision)
-        self.ledger.record_save(step, kind, sum(r.nbytes for r in records.values()), time.perf_counter() - start)
+        self.ledger.record_save(step, kind, sum(r.nbytes for r in records.values()),
+                                pending.stall_seconds + time.perf_counter() - started, persist_seconds)
         return True
 
     # -- recovery ---------------------------------------------------------------------------------------
@@ -323,6 +404,10 @@ class CPRCheckpointer:
             self.layout.check(shard)
         if self.policy.recovery == "none":
             raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint, so shard failures cannot be recovered")
+        # An emulated failure strikes between saves: the save in flight is completed first, so a seeded run
+        # restores from the same saves however fast the disk is (a real failure would lose the dying
+        # domain's part of that save, and the save with it).
+        self.flush()
         saves = self.store.saves()  # every commit record parsed once per recovery
         if self.policy.recovery == "full":
             return self._recover_full(failed_shards, saves)
@@ -463,7 +548,11 @@ class CPRCheckpointer:
         return RecoveryResult("partial", self.global_step, tuple(events))
 
     def close(self) -> None:
-        """Release the checkpoint folder (its lock) so another run may use it; also done at process exit."""
+        """Commit the save in flight, stop the writer thread and release the checkpoint folder (its lock) so
+        another run may use it (the lock also goes at process exit)."""
+        self.flush()
+        if self._executor is not None:
+            self._executor.shutdown()
         self.store.close()
 
     # -- Stateful ---------------------------------------------------------------------------------------
@@ -504,7 +593,8 @@ class CPRCheckpointer:
     # -- reporting --------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The job's accounting: saves, failures, bytes, PLS (expected and measured), overhead. Collective:
-        every rank's counts are added up, so every rank gets the same report."""
+        every rank's counts are added up, so every rank gets the same report. Commits the save in flight."""
+        self.flush()
         ledger = RunLedger.merged(self.coordinator.all_gather(self.ledger))
         summary = ledger.summary()
         summary["policy"] = self.policy.name

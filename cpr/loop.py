@@ -185,6 +185,7 @@ def train(
             loss_sum, loss_count = 0.0, 0
         if eval_loader is not None and eval_every and step % eval_every == 0 and step < total_steps:
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in evaluate(model, eval_loader, coordinator).items()}})
+    ckpt.flush()  # the last save's write belongs to the run's time
     bar.close()
     wall_seconds = time.perf_counter() - started
     final = evaluate(model, eval_loader, coordinator) if eval_loader is not None else {}

@@ -98,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--save-fraction", type=float, help="mfu/scar: override the planned fraction r of each shard's rows per subset save")
     cpr.add_argument("--sample-rate", type=float, help="ssu: override the planned probability of sampling an access")
     cpr.add_argument("--keep-last", type=int, default=3, help="full checkpoints kept on disk")
+    cpr.add_argument("--sync-save", action="store_true",
+                     help="write each save inside the training step (default: in the background while training goes on)")
     cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
     cpr.add_argument("--resume", action="store_true",
                      help="after a crash: continue from the newest loadable full save in the checkpoint folder")
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy_options=policy_options(args),
             resume=args.resume,
             coordinator=coordinator,
+            async_save=not args.sync_save,
         )
     except UnsupportedShardingError as err:
         raise UsageError(str(err)) from None

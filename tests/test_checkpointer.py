@@ -166,6 +166,7 @@ def test_full_recovery_skips_a_corrupt_save(dmp_model, tmp_path):
     good = snapshot(ckpt)
     for _ in range(2):
         train_step(model, optimizer, ckpt, make_batch(gen))
+    ckpt.flush()  # the step-4 save is written in the background: wait for its commit
     newest = ckpt.store.saves(kind="full")[-1]
     part = ckpt.store.load_part(newest, "domain-00000").manifest
     weight_file = part.folder / part.entry(f"emb/{next(iter(ckpt.tables.tables))}/weight").file

@@ -44,7 +44,8 @@ def ebc_step(ebc, optimizer, ckpt: CPRCheckpointer, kjt: KeyedJaggedTensor):
 def test_subset_saves_hold_the_selected_rows_and_recovery_composes_the_newest(policy, dmp_model, tmp_path):
     model, optimizer = dmp_model
     ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy=policy, num_shards=2, total_steps=40, interval_steps=12,
-                           keep_last=10, policy_options={**PINNED[policy], "subset_interval_steps": 3})
+                           keep_last=10, policy_options={**PINNED[policy], "subset_interval_steps": 3},
+                           async_save=False)  # each save is inspected right after its step
     tables = list(ckpt.tables.tables)
     # The newest saved version of every row, kept by hand from what each save wrote.
     newest = {t: ckpt.tables.weight(t).clone() for t in tables}

@@ -31,6 +31,7 @@ class SavePlan:
     kind: SaveKind
     rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
+    step: int = 0  # the training step the save holds (set by the checkpointer when it takes the snapshot)
 
     def __post_init__(self) -> None:
         if self.kind == "full" and self.rows:
@@ -73,7 +74,12 @@ class CheckpointPolicy(ABC):
         of their own, such as SSU's sampled ids."""
 
     def after_save(self, plan: SavePlan) -> None:
-        """Told after every save the checkpointer made for this policy."""
+        """Told when the checkpointer has taken the snapshot of a save this policy decided (its write and
+        commit may still be under way)."""
+
+    def save_failed(self, plan: SavePlan) -> None:
+        """Told when a save this policy decided could not be written and was abandoned: what `after_save`
+        assumed is undone, so the next decision retries."""
 
     @abstractmethod
     def decide(self, step: int) -> SavePlan | None:

@@ -77,7 +77,7 @@ class PrioritizedPolicy(CheckpointPolicy):
         self.calibration_step = max(1, min(math.ceil(CALIBRATION_FRACTION * context.total_steps), self.full_interval_steps))
         self.plan: PrioritizedPlan | None = None
         self._step = 0
-        self._last_full = 0
+        self._last_full = self._previous_full = 0
 
     # -- deciding ----------------------------------------------------------------------------------------
     def decide(self, step: int) -> SavePlan | None:
@@ -95,7 +95,11 @@ class PrioritizedPolicy(CheckpointPolicy):
 
     def after_save(self, plan: SavePlan) -> None:
         if plan.kind == "full":
-            self._last_full = self._step
+            self._previous_full, self._last_full = self._last_full, plan.step
+
+    def save_failed(self, plan: SavePlan) -> None:
+        if plan.kind == "full" and self._last_full == plan.step:
+            self._last_full = self._previous_full  # the full save is due again: the next step retries it
 
     def _calibrate(self, window: int) -> None:
         ctx = self.context

@@ -165,12 +165,12 @@ class AccessTracker:
             raise ValueError(f"row_range {row_range} is not within table {table!r} rows [0, {rows})")
         return start, end
 
-    def counts(self, table: str) -> torch.Tensor:
-        """A copy of the table's int32 access counters (MFU mode only)."""
+    def counts(self, table: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the table's int32 access counters, of every row or of `rows` (MFU mode only)."""
         i = self._index(table)
         if self.mode != "mfu":
             raise RuntimeError("counts() needs mode='mfu'; an SSU tracker keeps sampled ids, not per-row counts")
-        return self._counts[i].clone()
+        return self._counts[i].clone() if rows is None else self._counts[i][rows.to(torch.int64)]
 
     def dirty_rows(self, table: str, row_range: RowRange | None = None) -> torch.Tensor:
         """Ascending int64 ids of rows accessed since they were last marked saved."""
@@ -239,6 +239,19 @@ class AccessTracker:
         else:
             start, end = self._range(table, row_range)
             ops.mark_saved_range(counts, self._dirty[i], self.table_rows[table], start, end, decay)
+
+    def add_counts(self, table: str, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Give back accesses a save cleared (`counts` of every row, or of `rows`) when that save failed: they
+        are pending again (MFU only). Counters saturate as in counting."""
+        i = self._index(table)
+        if self.mode != "mfu":
+            raise RuntimeError("add_counts() needs mode='mfu'")
+        live = self._counts[i] if rows is None else self._counts[i][rows.to(device=self.device, dtype=torch.int64)]
+        total = (live.to(torch.int64) + counts.to(self.device, torch.int64)).clamp_(max=torch.iinfo(torch.int32).max)
+        if rows is None:
+            self._counts[i].copy_(total)
+        else:
+            self._counts[i][rows.to(device=self.device, dtype=torch.int64)] = total.to(torch.int32)
 
     # Footprint and checkpointing.
 
