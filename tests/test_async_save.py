@@ -1,0 +1,126 @@
+"""Asynchronous saves: the snapshot is the only stall; the write runs in the background and commits later."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from cpr import CPRCheckpointer
+from cpr.storage import CheckpointStore
+from tests.test_checkpointer import make_batch, plain_ebc
+from tests.test_storage import REPO
+
+ROWS = [64, 48, 32]
+
+
+def _job(tmp_path, name: str, async_save: bool, interval: int = 2):
+    torch.manual_seed(0)
+    ebc, optimizer = plain_ebc(ROWS)
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / name, policy="partial", num_shards=2, total_steps=20,
+                           interval_steps=interval, async_save=async_save, keep_last=10)
+    return ebc, optimizer, ckpt
+
+
+def _step(ebc, optimizer, ckpt, batch) -> None:
+    ckpt.observe(batch)
+    optimizer.zero_grad()
+    sum(v.sum() for v in ebc(batch.sparse_features).to_dict().values()).backward()
+    optimizer.step()
+    ckpt.step()
+
+
+def test_an_async_save_equals_a_sync_save_of_the_same_state(tmp_path):
+    jobs = {mode: _job(tmp_path, mode, async_save=(mode == "async")) for mode in ("async", "sync")}
+    for mode, (ebc, optimizer, ckpt) in jobs.items():
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            _step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
+        ckpt.flush()
+    saves = {mode: ckpt.store.saves() for mode, (_, _, ckpt) in jobs.items()}
+    assert [(s.step, s.kind) for s in saves["async"]] == [(s.step, s.kind) for s in saves["sync"]] == \
+        [(0, "full"), (2, "full"), (4, "full"), (6, "full")]
+    for a, b in zip(saves["async"], saves["sync"]):
+        assert set(a.parts) == set(b.parts)
+        for part in a.parts:
+            left, right = jobs["async"][2].store.load_part(a, part), jobs["sync"][2].store.load_part(b, part)
+            assert left.tensors.keys() == right.tensors.keys()
+            for name, tensor in left.tensors.items():
+                assert torch.equal(tensor, right.tensors[name]), (a.step, part, name)
+
+
+def test_a_failed_background_write_undoes_the_marks(tmp_path):
+    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True)
+    real_write = ckpt.store.write_part
+
+    def disk_full_at_step_2(staging, part, step, *args):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(staging, part, step, *args)
+
+    ckpt.store.write_part = disk_full_at_step_2
+    gen = torch.Generator().manual_seed(2)
+    looked_up = {table: 0 for table in ckpt.tables.tables}
+    for _ in range(3):
+        batch = make_batch(gen, rows=ROWS)
+        for table, feature in zip(ckpt.tables.tables, batch.sparse_features.keys()):
+            looked_up[table] += batch.sparse_features[feature].values().numel()
+        _step(ebc, optimizer, ckpt, batch)
+    ckpt.flush()
+    assert [(f.step, f.kind) for f in ckpt.ledger.failed_saves] == [(2, "full")]
+    # The step-2 save never committed: every access since the initial save is still pending.
+    assert {t: int(ckpt.tracker.counts(t).sum()) for t in ckpt.tables.tables} == looked_up
+    assert [s.step for s in ckpt.store.saves()] == [0]
+    _step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))  # step 4: the next save goes through
+    ckpt.flush()
+    assert [s.step for s in ckpt.store.saves()] == [0, 4]
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    from cpr import CPRCheckpointer
+    from cpr.storage import tensor_io
+    from tests.test_checkpointer import make_batch, plain_ebc
+
+    ebc, optimizer = plain_ebc([64, 48, 32])
+    ckpt = CPRCheckpointer(ebc, optimizer, sys.argv[1], policy="partial", num_shards=2, total_steps=20,
+                           interval_steps=2)
+    real_write = tensor_io.write_tensors
+
+    def write_then_stall(path, tensors):
+        entries = real_write(path, tensors)
+        print("mid-save", flush=True)  # the parent kills us here, in the background write
+        time.sleep(60)
+        return entries
+
+    tensor_io.write_tensors = write_then_stall
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        batch = make_batch(gen, rows=[64, 48, 32])
+        ckpt.observe(batch)
+        optimizer.zero_grad()
+        sum(v.sum() for v in ebc(batch.sparse_features).to_dict().values()).backward()
+        optimizer.step()
+        ckpt.step()
+""")
+
+
+def test_a_kill_during_the_background_write_leaves_the_previous_save(tmp_path):
+    with subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}) as child:
+        try:
+            assert child.stdout.readline().strip() == "mid-save"
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+    store = CheckpointStore(tmp_path)
+    (save,) = store.saves()
+    assert save.step == 0  # the initial save; the one being written never looked committed
+    for part in save.parts:
+        store.load_part(save, part)  # and it loads and verifies
