@@ -17,8 +17,9 @@ from typing import Literal, Mapping
 from cpr.tables import TableInfo
 
 DomainMode = Literal["virtual", "ranks"]
-# Emulating more domains than this costs memory and time for nothing: one domain per row of a small table.
-MAX_VIRTUAL_SHARDS = 4096
+# Each emulated shard is a parameter-server node holding a 1/num_shards slice of every table; the layout
+# and every save's metadata grow with their number, and beyond this many a shard is a handful of rows.
+MAX_VIRTUAL_SHARDS = 1024
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from cpr.loop import LR_DECAYS, MetricsLog, train
 from cpr.planning import ClusterProfile
 from cpr.policies import POLICY_NAMES
 from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
+from cpr.shards import MAX_VIRTUAL_SHARDS
 from cpr.tables import UnsupportedShardingError
 from dlrm.data import open_dataset
 from dlrm.data.errors import CriteoDataError
@@ -48,9 +49,6 @@ class UsageError(ValueError):
     """An invalid option, reported before any training starts."""
 
 
-# Each shard is an emulated parameter-server node holding a 1/num_shards slice of every table; the shard
-# layout, the failure schedule and every save's metadata grow with tables x shards.
-MAX_SHARDS = 1024
 _FLOAT_OPTIONS = ("epochs", "lr", "embedding_lr", "eval_fraction", "zipf_alpha", "target_pls", "mtbf_hours", "job_hours",
                   "save_fraction", "sample_rate")
 
@@ -133,8 +131,8 @@ def validate(args: argparse.Namespace) -> None:
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.embedding_lr > 0, f"--embedding-lr must be > 0, got {args.embedding_lr}"),
         (args.num_shards is None or args.num_shards >= 1, f"--num-shards must be >= 1, got {args.num_shards}"),
-        (args.num_shards is None or args.num_shards <= MAX_SHARDS,
-         f"--num-shards must be <= {MAX_SHARDS}, got {args.num_shards}: each shard is an emulated parameter-server node "
+        (args.num_shards is None or args.num_shards <= MAX_VIRTUAL_SHARDS,
+         f"--num-shards must be <= {MAX_VIRTUAL_SHARDS}, got {args.num_shards}: each shard is an emulated parameter-server node "
          "holding a slice of every table, and the shard layout and every save's metadata grow with the number of shards"),
         (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
         (args.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {args.eval_every}"),
