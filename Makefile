@@ -18,7 +18,7 @@ install: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 run: install
-	$(PY) -m cpr.train --policy mfu --out runs/default $(ARGS)
+	$(PY) -m cpr.train --policy mfu --out runs/default --overwrite $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)

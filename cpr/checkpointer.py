@@ -60,6 +60,10 @@ class RecoveryError(RuntimeError):
     """A failure that this run cannot recover from (no policy, or no loadable checkpoint)."""
 
 
+class EarlierRunError(ValueError):
+    """A new run was pointed at a checkpoint folder holding an earlier run's saves."""
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -111,6 +115,8 @@ class CPRCheckpointer:
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
         async_save: write saves in a background thread while training goes on (the snapshot copy is the
             only stall); False writes them inside `step()`.
+        overwrite: a new run (not `resume`) in a folder holding an earlier run's saves deletes them; without
+            it that is an error, since mixing two runs' saves would restore rows of the other run.
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class CPRCheckpointer:
         resume: bool = False,
         coordinator: Coordinator | None = None,
         async_save: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -200,8 +207,17 @@ class CPRCheckpointer:
         self._pending: _PendingSave | None = None
         # One writer thread: at most one save in flight, and its parts are written in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
-        if resume and self._rollback(self.store.saves(), resume=True) is not None:
+        saves = self.store.saves()
+        if resume and self._rollback(saves, resume=True) is not None:
             return
+        if saves and not resume:
+            if not overwrite:
+                raise EarlierRunError(
+                    f"checkpoint folder {self.store.directory} holds {len(saves)} saves of an earlier run (newest at "
+                    f"step {saves[-1].step}); resume it, or start over deleting them (--overwrite / overwrite=True)")
+            self.coordinator.all_gather(None)  # every rank has looked before the saves go
+            if self.coordinator.is_coordinator:
+                self.store.discard_after(-1)
         if self.policy.recovery != "none":
             # A failure before the first periodic save must still find the domain's rows somewhere: the
             # initial save is committed before training starts.

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from cpr.checkpointer import CPRCheckpointer, RecoveryError
+from cpr.checkpointer import CPRCheckpointer, EarlierRunError, RecoveryError
 from cpr.comm import CoordinationError, Coordinator
 from cpr.faults import FailureSchedule
 from cpr.loop import LR_DECAYS, MetricsLog, train
@@ -96,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--save-fraction", type=float, help="mfu/scar: override the planned fraction r of each shard's rows per subset save")
     cpr.add_argument("--sample-rate", type=float, help="ssu: override the planned probability of sampling an access")
     cpr.add_argument("--keep-last", type=int, default=3, help="full checkpoints kept on disk")
+    cpr.add_argument("--overwrite", action="store_true",
+                     help="start over in a checkpoint folder that holds an earlier run's saves, deleting them")
     cpr.add_argument("--sync-save", action="store_true",
                      help="write each save inside the training step (default: in the background while training goes on)")
     cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
@@ -222,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             resume=args.resume,
             coordinator=coordinator,
             async_save=not args.sync_save,
+            overwrite=args.overwrite,
         )
     except UnsupportedShardingError as err:
         raise UsageError(str(err)) from None
@@ -295,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run(args)
     except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
-            CheckpointMismatchError, CoordinationError, DirectoryLockedError) as err:
+            CheckpointMismatchError, CoordinationError, DirectoryLockedError, EarlierRunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:

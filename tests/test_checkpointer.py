@@ -342,3 +342,20 @@ def test_a_save_the_disk_refuses_is_reported_and_training_goes_on(dmp_model, tmp
     assert [s.step for s in ckpt.store.saves()] == [0, 4]  # the next save went through
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert ckpt.recover([0]).step == 4
+
+
+def test_a_new_run_does_not_mix_with_an_earlier_runs_saves(tmp_path):
+    from cpr.checkpointer import EarlierRunError
+
+    ebc, optimizer = plain_ebc(ROWS)
+    first = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        first.observe(make_batch(gen))
+        first.step()
+    first.close()
+    with pytest.raises(EarlierRunError, match="step 4"):
+        CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2)
+    again = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2,
+                            overwrite=True)
+    assert [s.step for s in again.store.saves()] == [0]  # only the new run's initial save
