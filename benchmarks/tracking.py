@@ -6,7 +6,8 @@
   observe_over_step times observe alone, right after a step (cold caches), over the median step.
 * ids_per_s_*: one Zipf id stream counted by the CPR op, by the best pure-torch way (bincount + add per
   table) and recorded by TorchRec's ModelDeltaTracker (id-only mode, then get_unique_ids()).
-* bytes_per_row_mfu (counters + dirty bitmap), ssu_bytes for two table sizes.
+* bytes_per_row_mfu (all MFU state: the int32 counters, which also tell which rows are unsaved),
+  ssu_bytes (all SSU state) for two table sizes.
 * gather_gb_per_s vs copy_gb_per_s: index_select of hot rows against a contiguous copy of as many bytes,
   which is why there is no custom gather op.
 
@@ -146,17 +147,9 @@ def gather_bandwidth(rows: int, dim: int, fraction: float, repeats: int) -> dict
 
 
 def memory(rows: int) -> dict[str, object]:
-    mfu = AccessTracker({"t": rows}, {"f": "t"}).memory_breakdown()
-    ssu = {
-        str(r): AccessTracker({"t": r}, {"f": "t"}, mode="ssu").memory_breakdown()["ssu_sets"]
-        for r in (rows, 100 * rows)
-    }
-    return {
-        "bytes_per_row_mfu": (mfu["counters"] + mfu["dirty_bitmap"]) / rows,
-        "bytes_per_row_mfu_counters": mfu["counters"] / rows,
-        "bytes_per_row_mfu_dirty_bitmap": mfu["dirty_bitmap"] / rows,
-        "ssu_bytes": ssu,
-    }
+    mfu = AccessTracker({"t": rows}, {"f": "t"}).memory_bytes()
+    ssu = {str(r): AccessTracker({"t": r}, {"f": "t"}, mode="ssu").memory_bytes() for r in (rows, 100 * rows)}
+    return {"bytes_per_row_mfu": mfu / rows, "ssu_bytes": ssu}
 
 
 def main() -> None:

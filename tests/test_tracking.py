@@ -140,26 +140,66 @@ def test_unknown_feature_raises():
         tracker.observe(make_kjt({"g": torch.tensor([1])}, batch=1, dtype=torch.int64))
 
 
-def test_mark_saved_clears_dirty_bits_and_resets_or_decays_counts():
+def test_mark_saved_resets_counts_and_cleans_rows():
     tracker = AccessTracker({"t": 200}, {"f": "t"})
     ids = torch.arange(200).repeat_interleave(4)  # every row accessed 4 times
     tracker.observe(make_kjt({"f": ids}, batch=4, dtype=torch.int64))
     tracker.mark_saved("t", rows=torch.tensor([0, 63, 64, 199, 63]))
     tracker.mark_saved("t", row_range=(100, 130))
-    tracker.mark_saved("t", row_range=(150, 160), decay=0.6)  # floor(4 * 0.6) = 2
+    tracker.mark_saved("t", row_range=(150, 150))
     expected = torch.full((200,), 4, dtype=torch.int32)
     expected[[0, 63, 64, 199]] = 0
     expected[100:130] = 0
-    expected[150:160] = 2
     assert torch.equal(tracker.counts("t"), expected)
-    clean = torch.zeros(200, dtype=torch.bool)
-    clean[[0, 63, 64, 199]] = True
-    clean[100:130] = clean[150:160] = True
-    assert torch.equal(tracker.dirty_rows("t"), (~clean).nonzero().squeeze(1))
+    assert torch.equal(tracker.dirty_rows("t"), expected.nonzero().squeeze(1))
     tracker.mark_saved("t")
     assert tracker.dirty_rows("t").numel() == 0 and tracker.counts("t").sum() == 0
-    with pytest.raises(RuntimeError, match=r"rows\[0\] = 200 is outside \[0, 200\)"):
-        tracker.mark_saved("t", rows=torch.tensor([200]))
+    before = tracker.counts("t")
+    for bad, position in [([200], 0), ([5, -1, 7], 1)]:
+        with pytest.raises(RuntimeError, match=rf"rows\[{position}\] = {bad[position]} is outside \[0, 200\)"):
+            tracker.mark_saved("t", rows=torch.tensor(bad))
+    assert torch.equal(tracker.counts("t"), before)  # a bad row resets nothing
+    with pytest.raises(ValueError, match="row_range \\(5, 201\\)"):
+        tracker.mark_saved("t", row_range=(5, 201))
+
+
+def test_dirty_rows_are_the_rows_accessed_since_their_last_save():
+    # Random interleavings of batches and saves of rows, of ranges and of whole tables, against a Python
+    # reference: per table, the set of rows accessed since their last save and their access counts.
+    generator = torch.Generator().manual_seed(9)
+    tracker = AccessTracker(TABLES, FEATURES)
+    counts = {t: [0] * rows for t, rows in TABLES.items()}
+    for _ in range(40):
+        action = int(torch.randint(0, 4, (1,), generator=generator))
+        table = list(TABLES)[int(torch.randint(0, len(TABLES), (1,), generator=generator))]
+        rows = TABLES[table]
+        if action == 0:
+            ids, kjt = random_batch(zipf_ids, 60, generator)
+            tracker.observe(kjt)
+            for feature, values in ids.items():
+                for id in values.tolist():
+                    counts[FEATURES[feature]][id] += 1
+        elif action == 1:  # about half of the dirty rows and a few others, some listed twice
+            dirty = torch.tensor([r for r, c in enumerate(counts[table]) if c > 0], dtype=torch.int64)
+            saved = torch.cat([dirty[torch.rand(dirty.numel(), generator=generator) < 0.5],
+                               torch.randint(0, rows, (3,), generator=generator)])
+            saved = saved[torch.randint(0, saved.numel(), (saved.numel(),), generator=generator)]
+            tracker.mark_saved(table, rows=saved)
+            for id in saved.tolist():
+                counts[table][id] = 0
+        elif action == 2:
+            start, end = sorted(torch.randint(0, rows + 1, (2,), generator=generator).tolist())
+            tracker.mark_saved(table, row_range=(start, end))
+            counts[table][start:end] = [0] * (end - start)
+        else:
+            tracker.mark_saved(table)
+            counts[table] = [0] * rows
+        for name, reference in counts.items():
+            assert tracker.counts(name).tolist() == reference
+            assert tracker.dirty_rows(name).tolist() == [r for r, c in enumerate(reference) if c > 0]
+            start, end = TABLES[name] // 3, TABLES[name] - TABLES[name] // 5
+            in_range = [r for r in range(start, end) if reference[r] > 0]
+            assert tracker.dirty_rows(name, row_range=(start, end)).tolist() == in_range
 
 
 def test_counters_saturate_at_int32_max():
@@ -182,9 +222,9 @@ def test_state_dict_round_trip():
         tracker.observe(kjt)
         copy.observe(kjt)  # same step, so SSU samples the same accesses
         for table in TABLES:
-            assert torch.equal(copy.dirty_rows(table), tracker.dirty_rows(table))
             if mode == "mfu":
                 assert torch.equal(copy.counts(table), tracker.counts(table))
+                assert torch.equal(copy.dirty_rows(table), tracker.dirty_rows(table))
             else:
                 assert torch.equal(copy.sampled(table), tracker.sampled(table))
     with pytest.raises(ValueError, match="mode 'ssu'"):
@@ -210,7 +250,6 @@ def test_ssu_holds_the_hottest_rows():
     # Each row is held independently with probability 1 - (1 - p)^a: the size is within 5 sigma of the mean.
     held = 1 - (1 - rate) ** counts.double()
     assert abs(sampled.numel() - held.sum()) < 5 * held.mul(1 - held).sum().sqrt()
-    assert torch.equal(tracker.dirty_rows("t"), counts.nonzero().squeeze(1))
     assert tracker.sampled("t").numel() == 0  # cleared by the previous call
 
 
@@ -251,18 +290,28 @@ def test_mode_specific_queries_raise_clearly():
         ssu.counts("t")
     with pytest.raises(RuntimeError, match="hottest\\(\\) needs mode='mfu'"):
         ssu.hottest("t", k=1)
+    with pytest.raises(RuntimeError, match="dirty_rows\\(\\) needs mode='mfu'; an SSU tracker keeps no per-row state"):
+        ssu.dirty_rows("t")
+    with pytest.raises(RuntimeError, match="mark_saved\\(\\) needs mode='mfu'; an SSU tracker keeps no per-row state"):
+        ssu.mark_saved("t")
+    mfu = AccessTracker({"t": 10}, {"f": "t"})
     with pytest.raises(RuntimeError, match="sampled\\(\\) needs mode='ssu'"):
-        AccessTracker({"t": 10}, {"f": "t"}).sampled("t")
+        mfu.sampled("t")
     with pytest.raises(KeyError, match="unknown table 'u'"):
-        ssu.dirty_rows("u")
+        mfu.dirty_rows("u")
     with pytest.raises(ValueError, match="row_range \\(3, 11\\)"):
-        ssu.dirty_rows("t", row_range=(3, 11))
+        mfu.dirty_rows("t", row_range=(3, 11))
 
 
-def test_memory_bytes():
-    mfu = AccessTracker({"t": 100_000}, {"f": "t"})
-    assert mfu.memory_breakdown() == {"counters": 400_000, "dirty_bitmap": 1563 * 8, "ssu_sets": 0}
-    assert mfu.memory_bytes() / 100_000 == pytest.approx(4.125, abs=1e-3)
+@pytest.mark.parametrize("tables", [{"t": 100_000}, {"t": 1}, {"t": 0}, TABLES, {"a": 65, "b": 63, "c": 129}])
+def test_mfu_tracking_takes_exactly_4_bytes_per_row(tables):
+    mfu = AccessTracker(tables, {f"f_{t}": t for t in tables})
+    rows = sum(tables.values())
+    assert mfu.memory_bytes() == 4 * rows
+    assert mfu.memory_breakdown() == {"counters": 4 * rows, "ssu_sets": 0}
+
+
+def test_ssu_memory_is_independent_of_table_size():
     small = AccessTracker({"t": 1_000}, {"f": "t"}, mode="ssu", ssu_capacity=1024)
     large = AccessTracker({"t": 1_000_000}, {"f": "t"}, mode="ssu", ssu_capacity=1024)
     assert small.memory_breakdown()["ssu_sets"] == large.memory_breakdown()["ssu_sets"] == 2048 * 8 + 16

@@ -3,11 +3,7 @@
 
 #include <ATen/ATen.h>
 
-#include "tracking.h"
-
 namespace cpr {
-
-inline int64_t bitmap_words(int64_t rows) { return (rows + kBitsPerWord - 1) / kBitsPerWord; }
 
 // A per-table state tensor (`what`[table]) must have this dtype and size, sit on the batch's device, and
 // be contiguous: the kernels index it raw.
@@ -21,10 +17,9 @@ inline void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t numel
 }
 
 // The jagged layout of a batch: 1-D int32/int64 values, F + 1 non-decreasing key offsets that span them,
-// a table index for every feature, and a dirty bitmap of the right size for every table.
+// a table index for every feature, and a row count for every table.
 inline void check_batch_layout(const at::Tensor& values, at::IntArrayRef key_offsets,
-                               at::IntArrayRef feature_to_table, at::IntArrayRef table_rows,
-                               at::TensorList dirty) {
+                               at::IntArrayRef feature_to_table, at::IntArrayRef table_rows) {
   TORCH_CHECK(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
   TORCH_CHECK(values.scalar_type() == at::kInt || values.scalar_type() == at::kLong,
               "values must be int32 or int64, got ", values.scalar_type());
@@ -36,8 +31,6 @@ inline void check_batch_layout(const at::Tensor& values, at::IntArrayRef key_off
   TORCH_CHECK(key_offsets[0] == 0, "key_offsets[0] must be 0, got ", key_offsets[0]);
   TORCH_CHECK(key_offsets[num_features] == values.numel(), "key_offsets[", num_features, "] = ",
               key_offsets[num_features], " but values has ", values.numel(), " elements");
-  TORCH_CHECK(static_cast<int64_t>(dirty.size()) == num_tables, "got ", dirty.size(), " dirty bitmaps for ",
-              num_tables, " tables");
   for (int64_t f = 0; f < num_features; ++f) {
     TORCH_CHECK(key_offsets[f] <= key_offsets[f + 1], "key_offsets must be non-decreasing, but key_offsets[",
                 f, "] = ", key_offsets[f], " > key_offsets[", f + 1, "] = ", key_offsets[f + 1]);
@@ -46,8 +39,19 @@ inline void check_batch_layout(const at::Tensor& values, at::IntArrayRef key_off
   }
   for (int64_t t = 0; t < num_tables; ++t) {
     TORCH_CHECK(table_rows[t] >= 0, "table_rows[", t, "] = ", table_rows[t], " is negative");
-    check_state(dirty[t], at::kLong, bitmap_words(table_rows[t]), values, "dirty", t);
   }
+}
+
+// One table's MFU counters, as the ops that read or reset them (not per batch) take them.
+inline void check_counters(const at::Tensor& counts) {
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt && counts.is_contiguous(),
+              "counts must be a contiguous 1-D int32 tensor, got ", counts.scalar_type(), " of shape ",
+              counts.sizes());
+}
+
+inline void check_range(int64_t start, int64_t end, int64_t num_rows) {
+  TORCH_CHECK(0 <= start && start <= end && end <= num_rows, "row range [", start, ", ", end,
+              ") is not within [0, ", num_rows, ")");
 }
 
 }  // namespace cpr

@@ -1,15 +1,18 @@
-// Access tracking for CPR's partial checkpoints: schemas of the `cpr` ops and their CPU kernels.
+// Access tracking for CPR's partial checkpoints: schemas of the `cpr` ops, their CPU kernels and the kernels
+// of the counter resets, which are the same on every device.
 //
 // State per table (allocated by cpr/tracking/tracker.py):
-//  * counts  int32[rows]           CPR-MFU access counters.
-//  * dirty   int64[ceil(rows/64)]  1 bit per row, "updated since the row was last saved".
+//  * counts  int32[rows]           CPR-MFU access counters since the row was last saved.
 //  * slots   int64[S], stats int64[2]  CPR-SSU: open-addressing set of sampled ids, S a power of two
 //                                   > capacity, plus (size, overflow); memory independent of rows.
 //
 // Why int32 counters that saturate: MFU only needs to rank rows, and a row's counter is reset whenever the
 // row is saved, so it would need 2^31 accesses between two saves of that row to saturate; a saturated row
 // simply ties with the other hottest rows, which are saved first anyway. That keeps MFU at 4 bytes/row
-// (plus 1/8 byte/row of dirty bits) instead of 8 with int64.
+// instead of 8 with int64.
+//
+// Why saving resets a counter to 0 rather than decaying it: "updated since the row was last saved" is read
+// off the counter as count > 0, and 4 bytes/row leaves no room for a separate dirty bit.
 //
 // Batches are given as a KeyedJaggedTensor's values, its per-feature value offsets (offset_per_key(),
 // length F + 1) and a feature -> table map, so one call covers every table. Every id is validated before
@@ -22,8 +25,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cmath>
-#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -43,9 +44,8 @@ constexpr int64_t kMinParallelIds = int64_t{1} << 20;
 
 // Checks the jagged layout of a batch; returns the features of each table, in feature order.
 std::vector<std::vector<int64_t>> check_batch(const Tensor& values, IntArrayRef key_offsets,
-                                              IntArrayRef feature_to_table, IntArrayRef table_rows,
-                                              TensorList dirty) {
-  check_batch_layout(values, key_offsets, feature_to_table, table_rows, dirty);
+                                              IntArrayRef feature_to_table, IntArrayRef table_rows) {
+  check_batch_layout(values, key_offsets, feature_to_table, table_rows);
   std::vector<std::vector<int64_t>> features_of_table(table_rows.size());
   for (int64_t f = 0; f < static_cast<int64_t>(feature_to_table.size()); ++f) {
     features_of_table[feature_to_table[f]].push_back(f);
@@ -102,19 +102,9 @@ void for_each_access_by_table(const index_t* ids, IntArrayRef key_offsets,
   });
 }
 
-inline void set_bit(uint64_t* words, int64_t row) {
-  words[row / kBitsPerWord] |= uint64_t{1} << (row % kBitsPerWord);
-}
-
-std::vector<uint64_t*> word_pointers(TensorList dirty) {
-  std::vector<uint64_t*> words;
-  for (const Tensor& d : dirty) words.push_back(reinterpret_cast<uint64_t*>(d.data_ptr<int64_t>()));
-  return words;
-}
-
-void count_accesses_cpu(TensorList counts, TensorList dirty, IntArrayRef table_rows, const Tensor& values,
-                        IntArrayRef key_offsets, IntArrayRef feature_to_table) {
-  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+void count_accesses_cpu(TensorList counts, IntArrayRef table_rows, const Tensor& values, IntArrayRef key_offsets,
+                        IntArrayRef feature_to_table) {
+  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows);
   TORCH_CHECK(counts.size() == table_rows.size(), "got ", counts.size(), " counters for ", table_rows.size(),
               " tables");
   std::vector<int32_t*> counters;
@@ -122,22 +112,20 @@ void count_accesses_cpu(TensorList counts, TensorList dirty, IntArrayRef table_r
     check_state(counts[t], at::kInt, table_rows[t], values, "counts", static_cast<int64_t>(t));
     counters.push_back(counts[t].data_ptr<int32_t>());
   }
-  const auto words = word_pointers(dirty);
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "count_accesses", [&] {
     const index_t* ids = values.data_ptr<index_t>();
     check_ids(ids, key_offsets, feature_to_table, table_rows);
     for_each_access_by_table(ids, key_offsets, features_of_table, [&](int64_t t, int64_t, int64_t id) {
       int32_t& c = counters[t][id];
       c += (c != INT32_MAX);
-      set_bit(words[t], id);
     });
   });
 }
 
-void sample_accesses_cpu(TensorList slots, TensorList stats, TensorList dirty, IntArrayRef table_rows,
-                         const Tensor& values, IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed,
-                         int64_t step, double rate, int64_t capacity) {
-  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+void sample_accesses_cpu(TensorList slots, TensorList stats, IntArrayRef table_rows, const Tensor& values,
+                         IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed, int64_t step,
+                         double rate, int64_t capacity) {
+  const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows);
   TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
   TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
   TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
@@ -154,14 +142,12 @@ void sample_accesses_cpu(TensorList slots, TensorList stats, TensorList dirty, I
     stat_ptrs.push_back(stats[t].data_ptr<int64_t>());
     masks.push_back(n - 1);
   }
-  const auto words = word_pointers(dirty);
   const uint64_t key = step_key(seed, step);
   const uint64_t threshold = sample_threshold(rate);
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "sample_accesses", [&] {
     const index_t* ids = values.data_ptr<index_t>();
     check_ids(ids, key_offsets, feature_to_table, table_rows);
     for_each_access_by_table(ids, key_offsets, features_of_table, [&](int64_t t, int64_t position, int64_t id) {
-      set_bit(words[t], id);
       if (!sample_access(key, position, id, threshold)) return;
       int64_t* set = slot_ptrs[t];
       const int64_t mask = masks[t];
@@ -183,87 +169,34 @@ void sample_accesses_cpu(TensorList slots, TensorList stats, TensorList dirty, I
   });
 }
 
-void check_saved_args(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows, double decay) {
-  TORCH_CHECK(0.0 <= decay && decay < 1.0, "decay must be in [0, 1), got ", decay);
-  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
-  if (counts) check_state(*counts, at::kInt, num_rows, dirty, "counts", 0);
-}
+// Resetting counters is a few ATen calls, the same on every device, so these two ops have one kernel for
+// all of them (registered as CompositeExplicitAutograd below).
 
-inline int32_t decayed(int32_t count, double decay) {
-  return static_cast<int32_t>(std::floor(static_cast<double>(count) * decay));
-}
-
-void mark_saved_rows_cpu(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
-                         const Tensor& rows, double decay) {
-  check_saved_args(counts, dirty, num_rows, decay);
+void mark_saved_rows(const Tensor& counts, const Tensor& rows) {
+  check_counters(counts);
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor, got ",
               rows.scalar_type(), " of shape ", rows.sizes());
-  const Tensor r = rows.contiguous();
-  const int64_t* ids = r.data_ptr<int64_t>();
-  const int64_t n = r.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(0 <= ids[i] && ids[i] < num_rows, "rows[", i, "] = ", ids[i], " is outside [0, ", num_rows, ")");
+  const int64_t num_rows = counts.numel();
+  const Tensor r = rows.to(counts.device());
+  const Tensor outside = r.lt(0).logical_or_(r.ge(num_rows));
+  if (outside.any().item<bool>()) {
+    const int64_t i = outside.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, "rows[", i, "] = ", r[i].item<int64_t>(), " is outside [0, ", num_rows, ")");
   }
-  auto* words = reinterpret_cast<uint64_t*>(dirty.data_ptr<int64_t>());
-  int32_t* c = counts ? counts->data_ptr<int32_t>() : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    words[ids[i] / kBitsPerWord] &= ~(uint64_t{1} << (ids[i] % kBitsPerWord));
-    if (c) c[ids[i]] = decayed(c[ids[i]], decay);
-  }
+  counts.index_fill_(0, r, 0);
 }
 
-void check_range(int64_t start, int64_t end, int64_t num_rows) {
-  TORCH_CHECK(0 <= start && start <= end && end <= num_rows, "row range [", start, ", ", end,
-              ") is not within [0, ", num_rows, ")");
-}
-
-// Mask of the bits of word w that fall in [start, end).
-inline uint64_t range_mask(int64_t w, int64_t start, int64_t end) {
-  const int64_t lo = std::max<int64_t>(start - w * kBitsPerWord, 0);
-  const int64_t hi = std::min<int64_t>(end - w * kBitsPerWord, kBitsPerWord);
-  const uint64_t below_hi = hi == kBitsPerWord ? ~uint64_t{0} : (uint64_t{1} << hi) - 1;
-  return below_hi & ~((uint64_t{1} << lo) - 1);
-}
-
-void mark_saved_range_cpu(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
-                          int64_t start, int64_t end, double decay) {
-  check_saved_args(counts, dirty, num_rows, decay);
-  check_range(start, end, num_rows);
-  if (start == end) return;
-  auto* words = reinterpret_cast<uint64_t*>(dirty.data_ptr<int64_t>());
-  for (int64_t w = start / kBitsPerWord; w <= (end - 1) / kBitsPerWord; ++w) words[w] &= ~range_mask(w, start, end);
-  if (counts) {
-    int32_t* c = counts->data_ptr<int32_t>();
-    at::parallel_for(start, end, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) c[r] = decayed(c[r], decay);
-    });
-  }
-}
-
-Tensor dirty_rows_cpu(const Tensor& dirty, int64_t num_rows, int64_t start, int64_t end) {
-  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
-  check_range(start, end, num_rows);
-  if (start == end) return at::empty({0}, dirty.options());
-  const auto* words = reinterpret_cast<const uint64_t*>(dirty.data_ptr<int64_t>());
-  const int64_t first = start / kBitsPerWord, last = (end - 1) / kBitsPerWord;
-  int64_t n = 0;
-  for (int64_t w = first; w <= last; ++w) n += __builtin_popcountll(words[w] & range_mask(w, start, end));
-  Tensor out = at::empty({n}, dirty.options());
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t w = first; w <= last; ++w) {
-    for (uint64_t bits = words[w] & range_mask(w, start, end); bits; bits &= bits - 1) {
-      *o++ = w * kBitsPerWord + __builtin_ctzll(bits);
-    }
-  }
-  return out;
+void mark_saved_range(const Tensor& counts, int64_t start, int64_t end) {
+  check_counters(counts);
+  check_range(start, end, counts.numel());
+  counts.slice(0, start, end).zero_();
 }
 
 // Top-k rows of [start, end) by count, ascending ids. Each candidate is packed into one uint64 key,
 // (count << 32) | (2^32 - 1 - offset), so that one nth_element (expected linear time) ranks by count and
 // breaks ties towards the lower id; only the k chosen ids are then sorted.
 Tensor select_hottest_cpu(const Tensor& counts, int64_t start, int64_t end, int64_t k) {
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt && counts.is_contiguous(),
-              "counts must be a contiguous 1-D int32 tensor");
+  check_counters(counts);
   check_range(start, end, counts.numel());
   TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
   TORCH_CHECK(end - start <= UINT32_MAX, "row range of ", end - start, " rows exceeds 2^32 - 1");
@@ -289,25 +222,25 @@ Tensor select_hottest_cpu(const Tensor& counts, int64_t start, int64_t end, int6
 
 TORCH_LIBRARY(cpr, m) {
   m.def(
-      "count_accesses(Tensor(a!)[] counts, Tensor(b!)[] dirty, int[] table_rows, Tensor values, "
-      "int[] key_offsets, int[] feature_to_table) -> ()");
+      "count_accesses(Tensor(a!)[] counts, int[] table_rows, Tensor values, int[] key_offsets, "
+      "int[] feature_to_table) -> ()");
   m.def(
-      "sample_accesses(Tensor(a!)[] slots, Tensor(b!)[] stats, Tensor(c!)[] dirty, int[] table_rows, "
-      "Tensor values, int[] key_offsets, int[] feature_to_table, int seed, int step, float rate, int capacity) -> ()");
-  m.def("mark_saved_rows(Tensor(a!)? counts, Tensor(b!) dirty, int num_rows, Tensor rows, float decay) -> ()");
-  m.def(
-      "mark_saved_range(Tensor(a!)? counts, Tensor(b!) dirty, int num_rows, int start, int end, float decay) -> ()");
-  m.def("dirty_rows(Tensor dirty, int num_rows, int start, int end) -> Tensor");
+      "sample_accesses(Tensor(a!)[] slots, Tensor(b!)[] stats, int[] table_rows, Tensor values, "
+      "int[] key_offsets, int[] feature_to_table, int seed, int step, float rate, int capacity) -> ()");
+  m.def("mark_saved_rows(Tensor(a!) counts, Tensor rows) -> ()");
+  m.def("mark_saved_range(Tensor(a!) counts, int start, int end) -> ()");
   m.def("select_hottest(Tensor counts, int start, int end, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cpr, CPU, m) {
   m.impl("count_accesses", &count_accesses_cpu);
   m.impl("sample_accesses", &sample_accesses_cpu);
-  m.impl("mark_saved_rows", &mark_saved_rows_cpu);
-  m.impl("mark_saved_range", &mark_saved_range_cpu);
-  m.impl("dirty_rows", &dirty_rows_cpu);
   m.impl("select_hottest", &select_hottest_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cpr, CompositeExplicitAutograd, m) {
+  m.impl("mark_saved_rows", &mark_saved_rows);
+  m.impl("mark_saved_range", &mark_saved_range);
 }
 
 }  // namespace cpr

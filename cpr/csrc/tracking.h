@@ -8,9 +8,6 @@
 
 namespace cpr {
 
-// Dirty bitmaps are int64 tensors of ceil(rows / 64) words; row r is bit (r & 63) of word (r >> 6).
-constexpr int64_t kBitsPerWord = 64;
-
 // Empty slot of an SSU open-addressing set (row ids are >= 0).
 constexpr int64_t kEmptySlot = -1;
 

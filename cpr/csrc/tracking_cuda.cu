@@ -1,6 +1,7 @@
-// CUDA kernels of the access-tracking ops declared in tracking.cpp; same semantics as the CPU kernels:
-//  * counts and dirty bits are commutative updates (saturating increments, bit ORs), so the atomics below
-//    give the same state as the CPU kernels whatever the order;
+// CUDA kernels of the access-tracking ops declared in tracking.cpp; same semantics as the CPU kernels
+// (the counter resets, mark_saved_*, have one device-generic kernel there):
+//  * counts are commutative updates (saturating increments), so the atomics below give the same state as
+//    the CPU kernels whatever the order;
 //  * SSU sampling uses the same (seed, step, position, id) coin as the CPU; the set holds the same ids as
 //    on the CPU while it is below capacity. Once full, which new ids are dropped depends on arrival order.
 // Every id is validated (one kernel and one small device-to-host copy) before any state is written.
@@ -13,7 +14,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <climits>
-#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -42,8 +42,8 @@ struct DeviceBatch {
 };
 
 DeviceBatch check_batch(const Tensor& values, IntArrayRef key_offsets, IntArrayRef feature_to_table,
-                        IntArrayRef table_rows, TensorList dirty) {
-  check_batch_layout(values, key_offsets, feature_to_table, table_rows, dirty);
+                        IntArrayRef table_rows) {
+  check_batch_layout(values, key_offsets, feature_to_table, table_rows);
   const int64_t num_features = static_cast<int64_t>(feature_to_table.size());
   std::vector<int64_t> host(key_offsets.begin(), key_offsets.end());
   host.insert(host.end(), feature_to_table.begin(), feature_to_table.end());
@@ -102,12 +102,6 @@ void check_ids(const Tensor& values, const DeviceBatch& batch, IntArrayRef key_o
               " is outside the table's rows [0, ", table_rows[t], "); no access of this batch was recorded");
 }
 
-__device__ inline void set_bit_atomic(int64_t* words, int64_t row) {
-  auto* word = reinterpret_cast<unsigned long long*>(words + row / kBitsPerWord);
-  const unsigned long long bit = 1ULL << (row % kBitsPerWord);
-  if ((*word & bit) == 0) atomicOr(word, bit);
-}
-
 // Saturating increment: a compare-and-swap loop, so no counter ever wraps past INT32_MAX.
 __device__ inline void saturating_increment(int32_t* counter) {
   int32_t old = *counter;
@@ -120,21 +114,19 @@ __device__ inline void saturating_increment(int32_t* counter) {
 
 template <typename index_t>
 __global__ void count_kernel(const index_t* ids, int64_t n, const int64_t* key_offsets,
-                             const int64_t* feature_to_table, int64_t num_features, const int64_t* counters,
-                             const int64_t* dirty) {
+                             const int64_t* feature_to_table, int64_t num_features, const int64_t* counters) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = feature_to_table[feature_of(key_offsets, num_features, i)];
     const int64_t id = static_cast<int64_t>(ids[i]);
     saturating_increment(reinterpret_cast<int32_t*>(counters[t]) + id);
-    set_bit_atomic(reinterpret_cast<int64_t*>(dirty[t]), id);
   }
 }
 
-void count_accesses_cuda(TensorList counts, TensorList dirty, IntArrayRef table_rows, const Tensor& values,
-                         IntArrayRef key_offsets, IntArrayRef feature_to_table) {
+void count_accesses_cuda(TensorList counts, IntArrayRef table_rows, const Tensor& values, IntArrayRef key_offsets,
+                         IntArrayRef feature_to_table) {
   const c10::cuda::CUDAGuard guard(values.device());
-  const DeviceBatch batch = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+  const DeviceBatch batch = check_batch(values, key_offsets, feature_to_table, table_rows);
   TORCH_CHECK(counts.size() == table_rows.size(), "got ", counts.size(), " counters for ", table_rows.size(),
               " tables");
   for (size_t t = 0; t < counts.size(); ++t) {
@@ -143,12 +135,11 @@ void count_accesses_cuda(TensorList counts, TensorList dirty, IntArrayRef table_
   const int64_t n = values.numel();
   if (n == 0) return;
   const Tensor counter_ptrs = device_pointers<int32_t>(counts, values);
-  const Tensor dirty_ptrs = device_pointers<int64_t>(dirty, values);
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "count_accesses_cuda", [&] {
     check_ids<index_t>(values, batch, key_offsets, feature_to_table, table_rows);
     count_kernel<index_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         values.data_ptr<index_t>(), n, batch.key_offsets(), batch.feature_to_table(), batch.num_features,
-        counter_ptrs.data_ptr<int64_t>(), dirty_ptrs.data_ptr<int64_t>());
+        counter_ptrs.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -184,13 +175,12 @@ __device__ inline void insert_sampled(int64_t* slots, int64_t mask, int64_t* sta
 template <typename index_t>
 __global__ void sample_kernel(const index_t* ids, int64_t n, const int64_t* key_offsets,
                               const int64_t* feature_to_table, int64_t num_features, const int64_t* slots,
-                              const int64_t* masks, const int64_t* stats, const int64_t* dirty, int64_t capacity,
-                              uint64_t key, uint64_t threshold) {
+                              const int64_t* masks, const int64_t* stats, int64_t capacity, uint64_t key,
+                              uint64_t threshold) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = feature_to_table[feature_of(key_offsets, num_features, i)];
     const int64_t id = static_cast<int64_t>(ids[i]);
-    set_bit_atomic(reinterpret_cast<int64_t*>(dirty[t]), id);
     if (sample_access(key, i, id, threshold)) {
       insert_sampled(reinterpret_cast<int64_t*>(slots[t]), masks[t], reinterpret_cast<int64_t*>(stats[t]), capacity,
                      id);
@@ -198,11 +188,11 @@ __global__ void sample_kernel(const index_t* ids, int64_t n, const int64_t* key_
   }
 }
 
-void sample_accesses_cuda(TensorList slots, TensorList stats, TensorList dirty, IntArrayRef table_rows,
-                          const Tensor& values, IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed,
-                          int64_t step, double rate, int64_t capacity) {
+void sample_accesses_cuda(TensorList slots, TensorList stats, IntArrayRef table_rows, const Tensor& values,
+                          IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed, int64_t step,
+                          double rate, int64_t capacity) {
   const c10::cuda::CUDAGuard guard(values.device());
-  const DeviceBatch batch = check_batch(values, key_offsets, feature_to_table, table_rows, dirty);
+  const DeviceBatch batch = check_batch(values, key_offsets, feature_to_table, table_rows);
   TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
   TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
   TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
@@ -220,100 +210,22 @@ void sample_accesses_cuda(TensorList slots, TensorList stats, TensorList dirty, 
   if (n == 0) return;
   const Tensor slot_ptrs = device_pointers<int64_t>(slots, values);
   const Tensor stat_ptrs = device_pointers<int64_t>(stats, values);
-  const Tensor dirty_ptrs = device_pointers<int64_t>(dirty, values);
   const Tensor mask_dev = at::tensor(masks, at::TensorOptions().dtype(at::kLong)).to(values.device(), true);
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "sample_accesses_cuda", [&] {
     check_ids<index_t>(values, batch, key_offsets, feature_to_table, table_rows);
     sample_kernel<index_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         values.data_ptr<index_t>(), n, batch.key_offsets(), batch.feature_to_table(), batch.num_features,
-        slot_ptrs.data_ptr<int64_t>(), mask_dev.data_ptr<int64_t>(), stat_ptrs.data_ptr<int64_t>(),
-        dirty_ptrs.data_ptr<int64_t>(), capacity, step_key(seed, step), sample_threshold(rate));
+        slot_ptrs.data_ptr<int64_t>(), mask_dev.data_ptr<int64_t>(), stat_ptrs.data_ptr<int64_t>(), capacity,
+        step_key(seed, step), sample_threshold(rate));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-__device__ inline int32_t decayed(int32_t count, double decay) {
-  return static_cast<int32_t>(floor(static_cast<double>(count) * decay));
-}
-
-// One thread per listed row (rows unique): clear its dirty bit (words are shared, hence atomicAnd), decay
-// its counter.
-__global__ void mark_saved_rows_kernel(const int64_t* rows, int64_t n, int32_t* counts, int64_t* dirty,
-                                       double decay) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = rows[i];
-    atomicAnd(reinterpret_cast<unsigned long long*>(dirty + r / kBitsPerWord), ~(1ULL << (r % kBitsPerWord)));
-    if (counts != nullptr) counts[r] = decayed(counts[r], decay);
-  }
-}
-
-// One thread per row of [start, end).
-__global__ void mark_saved_range_kernel(int64_t start, int64_t end, int32_t* counts, int64_t* dirty, double decay) {
-  for (int64_t r = start + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < end;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    atomicAnd(reinterpret_cast<unsigned long long*>(dirty + r / kBitsPerWord), ~(1ULL << (r % kBitsPerWord)));
-    if (counts != nullptr) counts[r] = decayed(counts[r], decay);
-  }
-}
-
-void check_saved_args(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows, double decay) {
-  TORCH_CHECK(0.0 <= decay && decay < 1.0, "decay must be in [0, 1), got ", decay);
-  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
-  if (counts) check_state(*counts, at::kInt, num_rows, dirty, "counts", 0);
-}
-
-void check_range(int64_t start, int64_t end, int64_t num_rows) {
-  TORCH_CHECK(0 <= start && start <= end && end <= num_rows, "row range [", start, ", ", end,
-              ") is not within [0, ", num_rows, ")");
-}
-
-void mark_saved_rows_cuda(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
-                          const Tensor& rows, double decay) {
-  const c10::cuda::CUDAGuard guard(dirty.device());
-  check_saved_args(counts, dirty, num_rows, decay);
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor, got ",
-              rows.scalar_type(), " of shape ", rows.sizes());
-  const Tensor r = rows.to(dirty.device()).contiguous();
-  const int64_t n = r.numel();
-  if (n == 0) return;
-  const bool in_range = r.ge(0).logical_and(r.lt(num_rows)).all().item<bool>();
-  TORCH_CHECK(in_range, "rows holds ids outside [0, ", num_rows, ")");
-  mark_saved_rows_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      r.data_ptr<int64_t>(), n, counts ? counts->data_ptr<int32_t>() : nullptr, dirty.data_ptr<int64_t>(), decay);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void mark_saved_range_cuda(const std::optional<Tensor>& counts, const Tensor& dirty, int64_t num_rows,
-                           int64_t start, int64_t end, double decay) {
-  const c10::cuda::CUDAGuard guard(dirty.device());
-  check_saved_args(counts, dirty, num_rows, decay);
-  check_range(start, end, num_rows);
-  if (start == end) return;
-  mark_saved_range_kernel<<<blocks_for(end - start), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      start, end, counts ? counts->data_ptr<int32_t>() : nullptr, dirty.data_ptr<int64_t>(), decay);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Ids of set bits in [start, end): unpack the covering words (64 bytes of flags per word) and compact.
-Tensor dirty_rows_cuda(const Tensor& dirty, int64_t num_rows, int64_t start, int64_t end) {
-  const c10::cuda::CUDAGuard guard(dirty.device());
-  check_state(dirty, at::kLong, bitmap_words(num_rows), dirty, "dirty", 0);
-  check_range(start, end, num_rows);
-  if (start == end) return at::empty({0}, dirty.options());
-  const int64_t first = start / kBitsPerWord, last = (end - 1) / kBitsPerWord;
-  const Tensor shifts = at::arange(kBitsPerWord, dirty.options());
-  const Tensor bits = dirty.slice(0, first, last + 1).unsqueeze(1).bitwise_right_shift(shifts).bitwise_and(1);
-  const Tensor flags = bits.flatten().slice(0, start - first * kBitsPerWord, end - first * kBitsPerWord);
-  return flags.nonzero().squeeze(1).add_(start);
 }
 
 // Top-k by count with ties towards lower ids, via the same packed key as the CPU kernel and ATen's CUDA
 // radix select (at::topk), expected linear in the range; only the k chosen ids are sorted.
 Tensor select_hottest_cuda(const Tensor& counts, int64_t start, int64_t end, int64_t k) {
   const c10::cuda::CUDAGuard guard(counts.device());
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt && counts.is_contiguous(),
-              "counts must be a contiguous 1-D int32 tensor");
+  check_counters(counts);
   check_range(start, end, counts.numel());
   TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
   TORCH_CHECK(end - start <= UINT32_MAX, "row range of ", end - start, " rows exceeds 2^32 - 1");
@@ -334,9 +246,6 @@ Tensor select_hottest_cuda(const Tensor& counts, int64_t start, int64_t end, int
 TORCH_LIBRARY_IMPL(cpr, CUDA, m) {
   m.impl("count_accesses", &count_accesses_cuda);
   m.impl("sample_accesses", &sample_accesses_cuda);
-  m.impl("mark_saved_rows", &mark_saved_rows_cuda);
-  m.impl("mark_saved_range", &mark_saved_range_cuda);
-  m.impl("dirty_rows", &dirty_rows_cuda);
   m.impl("select_hottest", &select_hottest_cuda);
 }
 

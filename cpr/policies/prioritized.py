@@ -335,8 +335,6 @@ class SSUPolicy(PrioritizedPolicy):
                 self.tracker.sampled(table, clear=True)
 
     def memory_bytes(self) -> int:
-        # The SSU sets only. The tracker also allocates a dirty bitmap (1 bit per row) that SSU does not
-        # use; settings() reports it separately.
         return self.tracker.memory_breakdown()["ssu_sets"] if self.tracker is not None else 0
 
     def settings(self) -> dict[str, Any]:
@@ -345,7 +343,7 @@ class SSUPolicy(PrioritizedPolicy):
         if self.tracker is not None:
             memory = self.tracker.memory_breakdown()
             out.update(sample_rate=self.tracker.ssu_rate, ssu_capacity=self.tracker.ssu_capacity,
-                       ssu_set_bytes=memory["ssu_sets"], unused_dirty_bitmap_bytes=memory["dirty_bitmap"],
+                       ssu_set_bytes=memory["ssu_sets"],
                        ssu_overflow=self.overflow + sum(self.tracker.ssu_overflow(t) for t in self._tables))
         return out
 

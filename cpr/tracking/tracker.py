@@ -2,8 +2,8 @@
 
 CPR-MFU keeps an int32 access counter per row and saves the most-frequently-used rows more often; CPR-SSU
 gets the same effect by sub-sampling accesses into a bounded set of row ids per table (memory independent
-of the table size). Both modes keep one "updated since last save" bit per row. All per-batch work is one
-call into the `cpr._C` ops.
+of the table size). An MFU counter restarts from 0 when its row is saved, so "updated since last save" is
+count > 0: MFU takes exactly 4 bytes per row. All per-batch work is one call into the `cpr._C` ops.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from cpr.tracking._ops import ops
 TrackingMode = Literal["mfu", "ssu"]
 RowRange = tuple[int, int]
 
-_BITS_PER_WORD = 64
 _EMPTY_SLOT = -1
 _STAT_SIZE, _STAT_OVERFLOW = 0, 1
 
@@ -32,7 +31,7 @@ def _ssu_slots(capacity: int) -> int:
 
 
 class AccessTracker:
-    """Access counts (MFU) or sampled accessed ids (SSU) plus dirty bits for every row of some tables.
+    """Access counts since each row's last save (MFU) or sampled accessed ids (SSU) for some tables.
 
     Args:
         tables: table name -> number of rows. Ids of a table are its global row ids in [0, rows).
@@ -80,10 +79,6 @@ class AccessTracker:
         self._rows_list = list(self.table_rows.values())
         self._feature_maps: dict[tuple[str, ...], list[int]] = {}
         self._step = 0
-        self._dirty = [
-            torch.zeros(math.ceil(rows / _BITS_PER_WORD), dtype=torch.int64, device=self.device)
-            for rows in self._rows_list
-        ]
         self._counts: list[torch.Tensor] = []
         self._slots: list[torch.Tensor] = []
         self._stats: list[torch.Tensor] = []
@@ -131,10 +126,10 @@ class AccessTracker:
         key_offsets = kjt.offset_per_key()
         feature_tables = self._feature_table_indices(tuple(kjt.keys()))
         if self.mode == "mfu":
-            ops.count_accesses(self._counts, self._dirty, self._rows_list, values, key_offsets, feature_tables)
+            ops.count_accesses(self._counts, self._rows_list, values, key_offsets, feature_tables)
         else:
             ops.sample_accesses(
-                self._slots, self._stats, self._dirty, self._rows_list, values, key_offsets, feature_tables,
+                self._slots, self._stats, self._rows_list, values, key_offsets, feature_tables,
                 self.seed, self._step, self.ssu_rate, self.ssu_capacity,
             )
         self._step += 1
@@ -173,10 +168,13 @@ class AccessTracker:
         return self._counts[i].clone() if rows is None else self._counts[i][rows.to(torch.int64)]
 
     def dirty_rows(self, table: str, row_range: RowRange | None = None) -> torch.Tensor:
-        """Ascending int64 ids of rows accessed since they were last marked saved."""
+        """Ascending int64 ids of rows accessed since they were last marked saved: those with count > 0
+        (MFU only)."""
         i = self._index(table)
+        if self.mode != "mfu":
+            raise RuntimeError("dirty_rows() needs mode='mfu'; an SSU tracker keeps no per-row state")
         start, end = self._range(table, row_range)
-        return ops.dirty_rows(self._dirty[i], self.table_rows[table], start, end)
+        return self._counts[i][start:end].nonzero().squeeze(1).add_(start)
 
     def hottest(
         self, table: str, fraction: float | None = None, k: int | None = None, row_range: RowRange | None = None
@@ -218,27 +216,19 @@ class AccessTracker:
 
     # After a save.
 
-    def mark_saved(
-        self,
-        table: str,
-        rows: torch.Tensor | None = None,
-        row_range: RowRange | None = None,
-        decay: float = 0.0,
-    ) -> None:
-        """Clear the dirty bits of `rows` (or of `row_range`, or of the whole table) and multiply their
-        counters by `decay` (0 resets them; MFU only)."""
+    def mark_saved(self, table: str, rows: torch.Tensor | None = None, row_range: RowRange | None = None) -> None:
+        """Reset the counters of `rows` (or of `row_range`, or of the whole table) to 0, which also makes
+        them clean for `dirty_rows()` (MFU only)."""
         i = self._index(table)
+        if self.mode != "mfu":
+            raise RuntimeError("mark_saved() needs mode='mfu'; an SSU tracker keeps no per-row state")
         if rows is not None and row_range is not None:
             raise ValueError("give rows or row_range, not both")
-        counts = self._counts[i] if self.mode == "mfu" else None
         if rows is not None:
-            rows = rows.to(device=self.device, dtype=torch.int64)
-            if decay > 0.0:
-                rows = rows.unique()  # a listed row must decay once, however often it is listed
-            ops.mark_saved_rows(counts, self._dirty[i], self.table_rows[table], rows, decay)
+            ops.mark_saved_rows(self._counts[i], rows.to(device=self.device, dtype=torch.int64))
         else:
             start, end = self._range(table, row_range)
-            ops.mark_saved_range(counts, self._dirty[i], self.table_rows[table], start, end, decay)
+            ops.mark_saved_range(self._counts[i], start, end)
 
     def add_counts(self, table: str, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Give back accesses a save cleared (`counts` of every row, or of `rows`) when that save failed: they
@@ -256,15 +246,13 @@ class AccessTracker:
     # Footprint and checkpointing.
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes of state by kind: counters (4/row, MFU), dirty bitmap (1/8 per row), SSU sets
-        (independent of the table sizes)."""
+        """Bytes of state by kind: counters (4/row, MFU), SSU sets (independent of the table sizes)."""
 
         def total(tensors: list[torch.Tensor]) -> int:
             return sum(t.numel() * t.element_size() for t in tensors)
 
         return {
             "counters": total(self._counts),
-            "dirty_bitmap": total(self._dirty),
             "ssu_sets": total(self._slots) + total(self._stats),
         }
 
@@ -276,13 +264,10 @@ class AccessTracker:
         """The tracker's state as tensors (copies), keyed by table name."""
         state: dict[str, Any] = {"mode": self.mode, "step": self._step, "tables": {}}
         for name, i in self._table_index.items():
-            table = {"dirty": self._dirty[i].clone()}
             if self.mode == "mfu":
-                table["counts"] = self._counts[i].clone()
+                state["tables"][name] = {"counts": self._counts[i].clone()}
             else:
-                table["slots"] = self._slots[i].clone()
-                table["stats"] = self._stats[i].clone()
-            state["tables"][name] = table
+                state["tables"][name] = {"slots": self._slots[i].clone(), "stats": self._stats[i].clone()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -291,11 +276,10 @@ class AccessTracker:
             raise ValueError(f"state_dict is for mode {state.get('mode')!r}, this tracker is {self.mode!r}")
         if set(state["tables"]) != set(self._table_index):
             raise ValueError(f"state_dict tables {sorted(state['tables'])} != tracked {sorted(self._table_index)}")
-        fields = {"dirty": self._dirty}
         if self.mode == "mfu":
-            fields["counts"] = self._counts
+            fields = {"counts": self._counts}
         else:
-            fields.update(slots=self._slots, stats=self._stats)
+            fields = {"slots": self._slots, "stats": self._stats}
         for name, i in self._table_index.items():
             for field, tensors in fields.items():
                 saved = state["tables"][name][field]
