@@ -152,8 +152,7 @@ def test_ssu_memory_is_bounded_and_independent_of_the_table_size(tmp_path):
         assert policy.tracker.ssu_capacity == capacity
         assert policy.calibration_sample_bytes <= CALIBRATION_SAMPLE * 18
         footprints.append(policy.memory_bytes())
-        settings = policy.settings()
-        assert settings["unused_dirty_bitmap_bytes"] == math.ceil(big / 64) * 8 + 8 + 8
+        assert policy.settings()["ssu_set_bytes"] == policy.tracker.memory_bytes()  # no per-row state
     assert footprints[0] == footprints[1] > 0
 
 

@@ -286,7 +286,7 @@ class SSUPolicy(PrioritizedPolicy):
         self.tracker: AccessTracker | None = None
         self.overflow = 0  # sampled ids dropped because a set was full, over the run
         # Sampling starts at calibration, so rows updated before it are unknown to the sets: the first
-        # subset also takes the rows updated since their last save (the checkpointer's dirty bits, once).
+        # subset also takes the rows updated since their last save (the checkpointer's counters above 0, once).
         self._catch_up = False
 
     def observe(self, kjt: KeyedJaggedTensor) -> None:
