@@ -316,16 +316,22 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_during_a_save_leaves_the_previous_save_loadable(tmp_path):
-    with subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+def kill_mid_save(script: str, *args: str) -> int:
+    """Run `script` in a child process, SIGKILL it once it prints "mid-save"; its exit status."""
+    with subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) as child:
         try:
-            assert child.stdout.readline().strip() == "mid-save"
+            if child.stdout.readline().strip() != "mid-save":
+                raise RuntimeError("the child did not reach the middle of its save")
             os.kill(child.pid, signal.SIGKILL)
         finally:
             child.kill()
             child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
+    return child.returncode
+
+
+def test_sigkill_during_a_save_leaves_the_previous_save_loadable(tmp_path):
+    assert kill_mid_save(CHILD, str(tmp_path)) == -signal.SIGKILL
     assert any(p.name.startswith(".tmp-save-0000000002-full") for p in tmp_path.iterdir())
 
     store = CheckpointStore(tmp_path)

@@ -43,7 +43,9 @@ def read_file(folder: Path, name: str, *, size: int | None = None, max_size: int
     try:
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise CorruptCheckpointError(folder, name, f"save folder cannot be opened: {_reason(e)}") from e
+        # With O_DIRECTORY, a symbolic link to a folder is refused as "not a directory": name the link instead.
+        reason = _reason(OSError(errno.ELOOP, "")) if e.errno == errno.ENOTDIR and os.path.islink(folder) else _reason(e)
+        raise CorruptCheckpointError(folder, name, f"save folder cannot be opened: {reason}") from e
     try:
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as not regular.

@@ -103,11 +103,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         del data["folder"]
-        try:
-            _check_depth(data)  # what the reader would refuse is not written
-        except _Defect as e:
-            raise ValueError(f"manifest of step {self.step}: {e}") from None
-        data[CHECKSUM_FIELD] = content_checksum(data)
+        data = sealed(data, f"manifest of step {self.step}")
         return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)  # compact: read per restore
 
     @classmethod
@@ -126,16 +122,7 @@ class Manifest:
 
     @classmethod
     def _from_checked(cls, data: Any, folder: Path) -> Manifest:
-        _check_depth(data)
-        data = _object(data, "the manifest")
-        version = data.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise _Defect(f"format_version {_shown(version)} is not supported (expected {FORMAT_VERSION})")
-        checksum = data.get(CHECKSUM_FIELD)
-        if not isinstance(checksum, str):
-            raise _Defect(f"{CHECKSUM_FIELD} must be a string such as 'sha256:...', got {_shown(checksum)}")
-        if checksum != content_checksum(data):
-            raise _Defect(f"{CHECKSUM_FIELD} does not match the content: the metadata changed after it was written")
+        data = verify_sealed(data, FORMAT_VERSION, folder, MANIFEST_FILE)
         _keys(data, _MANIFEST_KEYS, "the manifest")
 
         kind = data["kind"]
@@ -164,7 +151,7 @@ class Manifest:
             extra=_object(data["extra"], "extra"),
             created=float(created),
             nbytes=nbytes,
-            format_version=version,
+            format_version=FORMAT_VERSION,
             folder=folder,
         )
 
@@ -179,17 +166,49 @@ def read_text(folder: Path, file: str) -> str:
 
 
 def strict_json(text: str, folder: Path, file: str) -> Any:
-    """Parse metadata JSON, refusing duplicate keys, NaN/Infinity, overlong integers and deep nesting."""
+    """Parse metadata JSON, refusing duplicate keys, NaN/Infinity (also as 1e999), overlong integers and deep
+    nesting."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise CorruptCheckpointError(folder, file, "invalid JSON: nested too deeply") from None
     except ValueError as e:  # json.JSONDecodeError, duplicate keys, NaN, overlong integers
         raise CorruptCheckpointError(folder, file, f"invalid JSON: {e}") from None
 
 
+def verify_sealed(data: Any, version: int, folder: Path, file: str) -> dict[str, Any]:
+    """Parsed metadata `file` as a JSON object of format `version` carrying the sha256 of its own content;
+    CorruptCheckpointError naming the first problem otherwise. The version is checked before the checksum so
+    that another format gets the clearer message; the nesting first, as the hashed canonical JSON is built
+    recursively."""
+    try:
+        _check_depth(data)
+        data = _object(data, file)
+        found = data.get("format_version")
+        if type(found) is not int or found != version:
+            raise _Defect(f"format_version {_shown(found)} is not supported (expected {version})")
+        checksum = data.get(CHECKSUM_FIELD)
+        if not isinstance(checksum, str):
+            raise _Defect(f"{CHECKSUM_FIELD} must be a string such as 'sha256:...', got {_shown(checksum)}")
+        if checksum != content_checksum(data):
+            raise _Defect(f"{CHECKSUM_FIELD} does not match the content: the metadata changed after it was written")
+    except _Defect as e:
+        raise CorruptCheckpointError(folder, file, str(e)) from None
+    return data
+
+
+def sealed(data: dict[str, Any], what: str) -> dict[str, Any]:
+    """Metadata `data` with the checksum of its content added, for writing; ValueError naming `what` if the
+    reader would refuse it for its nesting (what the reader would refuse is not written)."""
+    try:
+        _check_depth(data)
+    except _Defect as e:
+        raise ValueError(f"{what}: {e}") from None
+    return {**data, CHECKSUM_FIELD: content_checksum(data)}
+
+
 def content_checksum(data: Mapping[str, Any]) -> str:
-    """sha256 of a manifest's content: its canonical JSON without the checksum field itself."""
+    """sha256 of metadata content (a manifest, a commit record): its canonical JSON without the checksum field."""
     content = {key: value for key, value in data.items() if key != CHECKSUM_FIELD}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
@@ -220,6 +239,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # json turns 1e999 into inf, which the canonical JSON of the checksum cannot even encode.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of the range of a float")
+    return value
 
 
 def _check_depth(data: Any) -> None:

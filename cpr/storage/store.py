@@ -39,13 +39,24 @@ import torch
 from . import tensor_io
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
-from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size, read_text, strict_json
+from .manifest import (
+    CHECKSUM_FIELD,
+    MANIFEST_FILE,
+    SAVE_KINDS,
+    Manifest,
+    TableMeta,
+    file_size,
+    read_text,
+    sealed,
+    strict_json,
+    verify_sealed,
+)
 
 _SAVE_NAME = re.compile(r"^save-(\d{10})-(full|subset)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 COMMIT_FILE = "commit.json"
-COMMIT_VERSION = 1
+COMMIT_VERSION = 2  # 2: the commit record carries a content checksum, like a part's manifest
 DENSE_PART = "dense"
 TENSOR_FILE = "tensors.bin"
 
@@ -104,15 +115,15 @@ class SaveInfo:
     def to_json(self) -> str:
         data = asdict(self)
         del data["folder"]
-        return json.dumps(data, indent=1, sort_keys=True)
+        # Sealed like a manifest: a damaged field that still parses (the reader state, a part's crc32) is caught.
+        return json.dumps(sealed(data, f"commit record of step {self.step}"), indent=1, sort_keys=True)
 
     @classmethod
     def read(cls, folder: Path) -> SaveInfo:
-        """Parse `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
-        data = strict_json(read_text(folder, COMMIT_FILE), folder, COMMIT_FILE)
+        """Parse and verify `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
+        data = verify_sealed(strict_json(read_text(folder, COMMIT_FILE), folder, COMMIT_FILE), COMMIT_VERSION,
+                             folder, COMMIT_FILE)
         try:
-            if not isinstance(data, dict) or data.get("format_version") != COMMIT_VERSION:
-                raise ValueError(f"format_version is not {COMMIT_VERSION}")
             if data["kind"] not in SAVE_KINDS:
                 raise ValueError(f"kind {data['kind']!r} is not one of {SAVE_KINDS}")
             ints = {key: data[key] for key in ("step", "world_size", "num_domains")}
@@ -130,7 +141,9 @@ class SaveInfo:
             if not isinstance(data["extra"], dict) or not isinstance(data["policy"], str) \
                     or data["domain_mode"] not in ("virtual", "ranks"):
                 raise ValueError("extra, policy or domain_mode has the wrong type")
-            if set(data) != {f.name for f in fields(cls) if f.name != "folder"}:
+            if type(data["created"]) not in (int, float):
+                raise ValueError(f"created must be a number, got {data['created']!r}")
+            if set(data) != {f.name for f in fields(cls) if f.name != "folder"} | {CHECKSUM_FIELD}:
                 raise ValueError(f"fields {sorted(data)}")
             return cls(step=ints["step"], kind=data["kind"], policy=data["policy"], world_size=ints["world_size"],
                        domain_mode=data["domain_mode"], num_domains=ints["num_domains"], parts=parts,
