@@ -89,6 +89,10 @@ def restore_domain(
         try:
             loaded = store.load_part(subset, part)
             check_part_rows(loaded, {t: r for t, r in rows.items() if ids_name(t) in loaded.tensors})
+            missing = [name for t in rows if ids_name(t) in loaded.tensors for name in names[t].values()
+                       if name not in loaded.tensors]
+            if missing:
+                raise KeyError(f"the part lacks {missing[:3]} beside the rows it holds")
         except (CorruptCheckpointError, KeyError) as e:
             warnings.warn(f"{part} of {subset.folder} is not used, older saves supply its rows: {e}",
                           SkippedSaveWarning, stacklevel=2)
