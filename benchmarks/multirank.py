@@ -8,7 +8,9 @@ as the largest world size, so a domain is the same share of the model); above it
 
     .venv/bin/python benchmarks/multirank.py [--world-sizes 1 2 3] [--rows 100000] [--out FILE]
 
-Prints JSON: per world size, the median save and recovery seconds, bytes written per save, and
+Prints JSON: per world size, the median seconds a save stalls training (snapshot and commit; with a save
+every step, also the wait for the previous write) and takes to write (the slowest rank's parts, in the
+background), the median recovery seconds, bytes written per save, and
 `read_ratio` = bytes read by a recovery / the domain's own bytes (target <= 1.2).
 """
 from __future__ import annotations
@@ -68,7 +70,8 @@ def worker(rank: int, world_size: int, folder: str, rows: int, steps: int, recov
         result = {
             "world_size": world_size,
             "domains": report["domains"],
-            "save_seconds_median": statistics.median(c["seconds"] for c in saves),
+            "save_stall_seconds_median": statistics.median(c["seconds"] for c in saves),
+            "save_write_seconds_median": statistics.median(c["persist_seconds"] for c in saves),
             "bytes_per_save": saves[-1]["bytes"],
             "recovery_seconds_median": statistics.median(recovery_seconds),
             "domain_bytes": own,
