@@ -31,10 +31,20 @@ class SavePlan:
     kind: SaveKind
     rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
+    # A subset standing in for a periodic full save: the rows changed since their last save (see the
+    # checkpointer's `differential`). After it, as after a full save, every row's current value is saved.
+    differential: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "full" and self.rows:
             raise ValueError("a full save takes every row; rows are only for subset saves")
+        if self.differential and self.kind != "subset":
+            raise ValueError("a differential save is a subset save")
+
+    @property
+    def saves_every_row(self) -> bool:
+        """After this save every row's current value is saved: a full save or a differential one."""
+        return self.kind == "full" or self.differential
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,8 @@ class CheckpointPolicy(ABC):
         of their own, such as SSU's sampled ids."""
 
     def after_save(self, plan: SavePlan) -> None:
-        """Told after every save the checkpointer made for this policy."""
+        """Told after every save the checkpointer made for this policy (a full save the policy decided may
+        have been written as a differential one: see `SavePlan.saves_every_row`)."""
 
     @abstractmethod
     def decide(self, step: int) -> SavePlan | None:
