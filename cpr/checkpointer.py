@@ -47,6 +47,7 @@ from cpr.storage import (
     SkippedSaveWarning,
     TableMeta,
     check_part_rows,
+    codecs,
     domain_part,
     restore_domain,
 )
@@ -54,6 +55,32 @@ from cpr.storage.names import ids_name, state_name, weight_name
 from cpr.tables import EmbeddingTables
 from cpr.tracking import AccessTracker
 from cpr.tracking.lookups import hook_served_lookups
+
+
+QUANTIZE_CHOICES = ("none", "int8", "int4", "auto")
+# `quantize="auto"` follows Check-N-Run: every restore puts the quantization error of the restored rows into
+# the model and the errors of successive restores add up, so a job that expects few restores can store fewer
+# bits. Here: 4 bits while the job expects at most AUTO_INT4_MAX_RESTORES restores (failures over the job, from
+# the cluster profile), 8 bits beyond.
+AUTO_INT4_MAX_RESTORES = 4
+
+
+def weight_codec(quantize: str, expected_restores: float, shapes: Mapping[str, tuple[str, int]]) -> str:
+    """The codec of embedding weights in saves for `--quantize` `quantize`, given the job's expected
+    restores and each table's (dtype name, dim); ValueError if a table cannot be stored so."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize == "none":
+        return "raw"
+    codec = quantize
+    if quantize == "auto":
+        fits_int4 = all(codecs.problem("int4", dtype, (1, dim)) is None for dtype, dim in shapes.values())
+        codec = "int4" if expected_restores <= AUTO_INT4_MAX_RESTORES and fits_int4 else "int8"
+    for table, (dtype, dim) in shapes.items():
+        problem = codecs.problem(codec, dtype, (1, dim))
+        if problem:
+            raise ValueError(f"quantize={quantize!r}: table {table!r}: {problem}")
+    return codec
 
 
 class RecoveryError(RuntimeError):
@@ -117,6 +144,13 @@ class CPRCheckpointer:
             only stall); False writes them inside `step()`.
         overwrite: a new run (not `resume`) in a folder holding an earlier run's saves deletes them; without
             it that is an error, since mixing two runs' saves would restore rows of the other run.
+        quantize: how saves store embedding weights: "none" (raw), "int8" or "int4" (row-wise quantized with
+            a scale and bias per row; optimizer state stays raw), or "auto" (the bit width from the job's
+            expected restores, see `AUTO_INT4_MAX_RESTORES`). Restores decode them transparently.
+        differential: write each periodic full save as a subset save of the rows changed since their last
+            save (Check-N-Run's incremental checkpoints); a real full save is written when the chain would
+            make a restore read more than twice a full save. For partial-recovery policies only: a full
+            rollback needs the dense model and the reader position, which only full saves hold.
     """
 
     def __init__(
@@ -137,6 +171,8 @@ class CPRCheckpointer:
         coordinator: Coordinator | None = None,
         async_save: bool = True,
         overwrite: bool = False,
+        quantize: str = "none",
+        differential: bool = False,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -164,6 +200,10 @@ class CPRCheckpointer:
         self.plan: PlanResult = plan(self.profile, target_pls)
         self.total_steps = total_steps
         self.hours_per_step = self.profile.job_hours / total_steps
+        self._table_meta = {
+            name: TableMeta(rows=info.local_rows, dim=info.dim, dtype=str(self.tables.weight(name).dtype).removeprefix("torch."))
+            for name, info in self.tables.tables.items()
+        }
         self.tracker = AccessTracker(
             tables={name: info.local_rows for name, info in self.tables.tables.items()},
             feature_to_table=self.tables.feature_to_table,
@@ -183,15 +223,17 @@ class CPRCheckpointer:
             coordinator=self.coordinator,
         )
         self.policy = policy if isinstance(policy, CheckpointPolicy) else make_policy(policy, context)
+        if differential and self.policy.recovery != "partial":
+            raise ValueError(f"differential saves need a partial-recovery policy, not {self.policy.name!r}: a "
+                             f"{self.policy.recovery!r} recovery restores from full saves only")
+        self.differential = differential
+        self.weight_codec = weight_codec(quantize, self.profile.expected_failures,
+                                         {t: (meta.dtype, meta.dim) for t, meta in self._table_meta.items()})
         # Sharded models report the rows each rank's shards serve; plain modules are observed per batch.
         self._hooked = hook_served_lookups(model, self._record_lookups)
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
         self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
-        self._table_meta = {
-            name: TableMeta(rows=info.local_rows, dim=info.dim, dtype=str(self.tables.weight(name).dtype).removeprefix("torch."))
-            for name, info in self.tables.tables.items()
-        }
         own_bytes = self.tables.nbytes()
         if self.coordinator.is_coordinator:
             own_bytes += sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
@@ -246,7 +288,7 @@ class CPRCheckpointer:
         be staged). A save that fails is reported and abandoned, never raised: the next one retries."""
         self.global_step += 1
         self._poll_pending()
-        decision = self.policy.decide(self.global_step)
+        decision = self._written_as(self.policy.decide(self.global_step))
         if decision is not None and self._save(decision):
             return decision
         return None
@@ -257,8 +299,51 @@ class CPRCheckpointer:
             self._commit(self._pending)
 
     # -- saving -----------------------------------------------------------------------------------------
+    def _written_as(self, decision: SavePlan | None) -> SavePlan | None:
+        """The save to write for the policy's `decision`: with `differential`, a periodic full save becomes a
+        subset save of the rows changed since their last save (the tracker's dirty rows), unless the chain
+        since the last real full save has grown too long.
+
+        The bound: restoring a domain reads its part of the newest full save and of every subset save after
+        it (the policy's own subsets too). A differential is written only while, for every domain, those
+        subsets' bytes plus the differential's stay within the domain's part of the full save, so a restore
+        reads at most twice a full save; otherwise the save is a real full one, which starts a new chain.
+        Differential saves rely on a row changing only when it is looked up: true of TorchRec's fused sparse
+        optimizers, not of a dense optimizer with momentum (such as Adam) stepping rows it did not look up.
+        """
+        if decision is None or decision.kind != "full" or not self.differential:
+            return decision
+        saves = self.store.saves()
+        fulls = [s for s in saves if s.kind == "full"]
+        if not fulls:
+            return decision
+        chain = [s for s in saves if s.kind == "subset" and s.step > fulls[-1].step]
+        rows: dict[str, list[torch.Tensor]] = {}
+        new_bytes: dict[str, int] = {}
+        for domain in self.layout.local:
+            new_bytes[domain_part(domain)] = 0
+            for table, meta in self._table_meta.items():
+                start, end = self.layout.rows(table, domain)
+                if start == end:
+                    continue
+                ids = self.tracker.dirty_rows(table, (start, end))
+                rows.setdefault(table, []).append(ids)
+                per_row = codecs.stored_nbytes(self.weight_codec, self.tables.weight(table).dtype, (1, meta.dim))
+                per_row += sum(state[0].nbytes for state in self.tables.row_states(table).values()) + 8  # + the id
+                new_bytes[domain_part(domain)] += ids.numel() * per_row
+        every_domain = {part: n for gathered in self.coordinator.all_gather(new_bytes) for part, n in gathered.items()}
+        for part, n in every_domain.items():
+            chain_bytes = sum(s.parts[part].nbytes for s in chain if part in s.parts)
+            if part in fulls[-1].parts and chain_bytes + n > fulls[-1].parts[part].nbytes:
+                return dataclasses.replace(decision, reason=f"{decision.reason}; a full save ends the differential "
+                                           f"chain since step {fulls[-1].step}")
+        dirty = {table: torch.cat(ids) for table, ids in rows.items()}
+        return SavePlan("subset", rows={t: ids for t, ids in dirty.items() if ids.numel()},
+                        reason=f"differential: {decision.reason}", differential=True)
+
     def _domain_part(self, domain: int, decision: SavePlan) -> PartContent | None:
-        """Domain `domain`'s rows (all of them, or the decision's subset) with their row-wise state."""
+        """Domain `domain`'s rows (all of them, or the decision's subset) with their row-wise state; the
+        weights stored with `weight_codec`."""
         tensors: dict[str, torch.Tensor] = {}
         tables: dict[str, TableMeta] = {}
         rows: dict[str, tuple[int, int]] = {}
@@ -285,7 +370,8 @@ class CPRCheckpointer:
             rows[table] = self.layout.global_rows(table, domain)
         if decision.kind == "subset" and not tensors:
             return None
-        return PartContent(tensors, tables, rows)
+        stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
+        return PartContent(tensors, tables, rows, codecs=stored)
 
     def _parts(self, decision: SavePlan) -> dict[str, PartContent]:
         parts = {}

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from cpr.checkpointer import CPRCheckpointer, EarlierRunError, RecoveryError
+from cpr.checkpointer import QUANTIZE_CHOICES, CPRCheckpointer, EarlierRunError, RecoveryError
 from cpr.comm import CoordinationError, Coordinator
 from cpr.faults import FailureSchedule
 from cpr.loop import LR_DECAYS, MetricsLog, train
@@ -101,6 +101,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--sync-save", action="store_true",
                      help="write each save inside the training step (default: in the background while training goes on)")
     cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
+    cpr.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                     help="how saves store embedding rows: raw (none), row-wise int8 or int4 with a scale and bias per "
+                          "row, or auto (4 bits when the job expects few restores, else 8)")
+    cpr.add_argument("--differential", action="store_true",
+                     help="partial-recovery policies: write each periodic full save as the rows changed since their last "
+                          "save (a real full save when a restore would read more than about 2x a full save)")
     cpr.add_argument("--resume", action="store_true",
                      help="after a crash: continue from the newest loadable full save in the checkpoint folder")
     return p.parse_args(argv)
@@ -151,6 +157,9 @@ def validate(args: argparse.Namespace) -> None:
         (args.save_fraction is None or 0 < args.save_fraction <= 1, f"--save-fraction must be in (0, 1], got {args.save_fraction}"),
         (args.sample_rate is None or 0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}"),
         (args.policy != "none" or not args.failures, "--failures needs a checkpointing policy (--policy full|partial|...): policy 'none' cannot recover"),
+        (not args.differential or args.policy not in ("none", "full"),
+         f"--differential needs a partial-recovery policy (partial, mfu, ssu, scar), not {args.policy!r}: "
+         "a full rollback restores from full saves only"),
     ]
     for ok, message in checks:
         if not ok:
@@ -225,6 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             coordinator=coordinator,
             async_save=not args.sync_save,
             overwrite=args.overwrite,
+            quantize=args.quantize,
+            differential=args.differential,
         )
     except UnsupportedShardingError as err:
         raise UsageError(str(err)) from None

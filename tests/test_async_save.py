@@ -92,8 +92,8 @@ CHILD = textwrap.dedent("""
                            interval_steps=2)
     real_write = tensor_io.write_tensors
 
-    def write_then_stall(path, tensors):
-        entries = real_write(path, tensors)
+    def write_then_stall(path, tensors, *codecs):
+        entries = real_write(path, tensors, *codecs)
         print("mid-save", flush=True)  # the parent kills us here, in the background write
         time.sleep(60)
         return entries

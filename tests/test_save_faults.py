@@ -128,8 +128,8 @@ CHILD = textwrap.dedent("""
     save_subset(store, 2, [1, 2])
     real_write = tensor_io.write_tensors
 
-    def write_then_stall(path, tensors):
-        entries = real_write(path, tensors)
+    def write_then_stall(path, tensors, *codecs):
+        entries = real_write(path, tensors, *codecs)
         print("mid-save", flush=True)  # the parent kills us here: a part written, no commit record yet
         time.sleep(60)
         return entries

@@ -270,11 +270,11 @@ def test_failure_mid_save_removes_the_staging_folder_and_keeps_earlier_saves(tmp
     save_full(store, 1)
     real_write, calls = tensor_io.write_tensors, []
 
-    def disk_full_on_second_part(path, tensors):
+    def disk_full_on_second_part(path, tensors, *codecs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, tensors)
+        return real_write(path, tensors, *codecs)
 
     monkeypatch.setattr(tensor_io, "write_tensors", disk_full_on_second_part)
     with pytest.raises(OSError, match="No space left") as error:
@@ -305,8 +305,8 @@ CHILD = textwrap.dedent("""
     store.save(1, "full", "full", {"dense": PartContent(big)})
     real_write = tensor_io.write_tensors
 
-    def write_then_stall(path, tensors):
-        entries = real_write(path, tensors)
+    def write_then_stall(path, tensors, *codecs):
+        entries = real_write(path, tensors, *codecs)
         print("mid-save", flush=True)  # the parent kills us here: tensors written, no commit record yet
         time.sleep(60)
         return entries

@@ -32,10 +32,20 @@ class SavePlan:
     rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
     step: int = 0  # the training step the save holds (set by the checkpointer when it takes the snapshot)
+    # A subset standing in for a periodic full save: the rows changed since their last save (see the
+    # checkpointer's `differential`). After it, as after a full save, every row's current value is saved.
+    differential: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "full" and self.rows:
             raise ValueError("a full save takes every row; rows are only for subset saves")
+        if self.differential and self.kind != "subset":
+            raise ValueError("a differential save is a subset save")
+
+    @property
+    def saves_every_row(self) -> bool:
+        """After this save every row's current value is saved: a full save or a differential one."""
+        return self.kind == "full" or self.differential
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,8 @@ class CheckpointPolicy(ABC):
 
     def after_save(self, plan: SavePlan) -> None:
         """Told when the checkpointer has taken the snapshot of a save this policy decided (its write and
-        commit may still be under way)."""
+        commit may still be under way; a full save the policy decided may have been written as a
+        differential one: see `SavePlan.saves_every_row`)."""
 
     def save_failed(self, plan: SavePlan) -> None:
         """Told when a save this policy decided could not be written and was abandoned: what `after_save`

@@ -94,11 +94,11 @@ class PrioritizedPolicy(CheckpointPolicy):
         return None
 
     def after_save(self, plan: SavePlan) -> None:
-        if plan.kind == "full":
+        if plan.saves_every_row:
             self._previous_full, self._last_full = self._last_full, plan.step
 
     def save_failed(self, plan: SavePlan) -> None:
-        if plan.kind == "full" and self._last_full == plan.step:
+        if plan.saves_every_row and self._last_full == plan.step:
             self._last_full = self._previous_full  # the full save is due again: the next step retries it
 
     def _calibrate(self, window: int) -> None:
@@ -330,7 +330,7 @@ class SSUPolicy(PrioritizedPolicy):
 
     def after_save(self, plan: SavePlan) -> None:
         super().after_save(plan)
-        if plan.kind == "full" and self.tracker is not None:
+        if plan.saves_every_row and self.tracker is not None:
             for table in self._tables:  # every row was just saved: earlier samples are stale
                 self.tracker.sampled(table, clear=True)
 
@@ -379,7 +379,7 @@ class SCARPolicy(_TopFractionPolicy):
     def after_save(self, plan: SavePlan) -> None:
         super().after_save(plan)
         with torch.no_grad():
-            if plan.kind == "full":
+            if plan.saves_every_row:
                 self._saved = {t: self.context.tables.weight(t).detach().clone() for t in self.context.tables.tables}
             else:
                 for table, ids in plan.rows.items():

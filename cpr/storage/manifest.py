@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from . import files
+from . import codecs, files
 from .errors import CorruptCheckpointError
 
-FORMAT_VERSION = 3  # 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file
+# 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
 CHECKSUM_FIELD = "checksum"
@@ -59,7 +60,11 @@ class TableMeta:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a save: stored raw in `file` (relative to the save folder)."""
+    """One tensor of a save, stored in `file` (relative to the save folder) as `codec` encodes it.
+
+    `dtype` and `shape` are the tensor's (what decoding gives back); `nbytes` and `checksum` are of the
+    stored bytes.
+    """
 
     name: str
     file: str
@@ -68,6 +73,7 @@ class TensorEntry:
     nbytes: int
     checksum: int  # zlib.crc32 of the tensor's bytes
     offset: int = 0  # where the tensor's bytes start in `file` (a part keeps all its tensors in one file)
+    codec: str = "raw"  # see codecs.py: "raw" (the tensor's own bytes), "int8" or "int4" (row-wise quantized)
 
 
 @dataclass
@@ -337,13 +343,17 @@ def _tensor_entry(index: int, raw: Any) -> TensorEntry:
     if len(dims) > MAX_DIMS:
         raise _Defect(f"{what}.shape has {len(dims)} dimensions, more than {MAX_DIMS}")
     shape = tuple(_int(d, f"{what}.shape[{k}]") for k, d in enumerate(dims))
+    codec = _string(entry["codec"], f"{what}.codec")
+    problem = codecs.problem(codec, dtype, shape)
+    if problem:
+        raise _Defect(f"{what} ({name!r}).codec: {problem}")
     nbytes = _int(entry["nbytes"], f"{what}.nbytes")
-    if nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)}")
+    if nbytes != codecs.stored_nbytes(codec, DTYPES[dtype], shape):
+        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)} as {codec}")
     checksum = _int(entry["checksum"], f"{what}.checksum", high=_CRC32_MAX)
     offset = _int(entry["offset"], f"{what}.offset")
     return TensorEntry(name=name, file=entry["file"], dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum,
-                       offset=offset)
+                       offset=offset, codec=codec)
 
 
 def _check_tiling(tensors: list[TensorEntry]) -> None:

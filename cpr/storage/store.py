@@ -90,6 +90,7 @@ class PartContent:
     tables: Mapping[str, TableMeta] = field(default_factory=dict)
     rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready data of the writer, kept in the manifest
+    codecs: Mapping[str, str] = field(default_factory=dict)  # tensor name -> codec when not "raw" (see codecs.py)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ class CheckpointStore:
         folder = staging / part
         try:
             folder.mkdir()
-            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors)
+            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs)
             manifest = Manifest(
                 step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
                 tensors=entries, extra={**content.extra, "part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
