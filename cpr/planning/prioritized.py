@@ -71,6 +71,8 @@ class AccessProfile:
         if self.total_rate <= 0:
             raise ValueError(f"no accesses were observed in the {steps}-step calibration window")
         self._cumulative = [np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]
+        # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
+        self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
 
     @classmethod
     def from_counts(
@@ -128,6 +130,12 @@ class AccessProfile:
         be picked). A row that waits for theta accesses and then for the next subset save is on average
         (theta - 1) / (2 l) + T_sub / 2 old.
         """
+        key = (fraction, subset_steps)
+        if key not in self._mfu_ages:
+            self._mfu_ages[key] = self._solve_mfu_ages(fraction, subset_steps)
+        return self._mfu_ages[key]
+
+    def _solve_mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         s = float(subset_steps)
         sizes = np.array([len(g.rates) for g in self.groups])
         quota = np.array([math.ceil(fraction * g.rows) for g in self.groups], dtype=np.float64) / s
