@@ -13,7 +13,8 @@ save that holds them, so rows saved often lose few updates. They differ in which
 
 Settings come from `cpr.planning.prioritized` at a calibration step (the first ~5% of the run, before the
 first planned full save), once access frequencies have been measured; until then the policy saves like
-plain partial recovery. Explicit settings in the context (`interval_steps`, options `fraction`,
+plain partial recovery. Afterwards the policy measures the ages a failure would find and re-plans so that
+the run meets its PLS target whatever the model got wrong (docs/prioritized.md, online re-planning). Explicit settings in the context (`interval_steps`, options `fraction`,
 `sample_rate`, `subset_interval_steps`) win over the planner. Derivation: docs/prioritized.md.
 """
 from __future__ import annotations
