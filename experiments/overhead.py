@@ -8,7 +8,7 @@ planner chose in each run (save cost scaled by bytes, plus one shard's load and 
 
     .venv/bin/python experiments/overhead.py [--quick] [--seeds ...] [--out DIR]
 
---quick: 1 seed, 3 MTBFs, 3 shard counts. Full: 3 seeds, 5 MTBFs, 4 shard counts. Writes
+--quick: 1 seed, 2 MTBFs, 2 shard counts. Full: 3 seeds, 5 MTBFs, 4 shard counts. Writes
 OUT/results.json, OUT/results.md and OUT/overhead.png.
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     quick = args.quick or args.tiny
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    mtbfs = args.mtbf_hours or ([100.0, 400.0, 1600.0] if quick else [100.0, 200.0, 400.0, 800.0, 1600.0])
-    shard_counts = args.shards or ([4, 16, 32] if quick else [4, 8, 16, 32])
+    mtbfs = args.mtbf_hours or ([100.0, 1600.0] if quick else [100.0, 200.0, 400.0, 800.0, 1600.0])
+    shard_counts = args.shards or ([4, 32] if quick else [4, 8, 16, 32])
     dflags = available_datasets(["synthetic"], tiny=args.tiny)["synthetic"]
     base = ClusterProfile.preset("production")
 

@@ -26,8 +26,9 @@ SECTIONS = (
      "The paper does not report this check. Each run sees exactly the profile's expected 6 failures on one "
      "of 16 shards, so a run's PLS varies with which shard fails and how long after its save; the mean over "
      "seeds is what the planner promises. The prioritized policies measure the age of their unsaved updates "
-     "and re-plan online (docs/prioritized.md), so their mean age meets the goal; what remains is the "
-     "failures' sampling noise."),
+     "and re-plan online (docs/prioritized.md), so their mean age meets the goal; the last column, "
+     "failures x measured age / (N S), is the PLS those ages imply without the failures' sampling noise. "
+     "Seeds share failure schedules across policies, so an unlucky seed lowers every policy alike."),
     ("pls_vs_accuracy", "PLS predicts the accuracy cost",
      "The paper trains full-size DLRMs on Criteo Kaggle/Terabyte for many epochs; here the small model "
      "trains for one epoch of 54,000 synthetic or 9,000 Criteo rows, so AUC differences of a few 0.001 are "
