@@ -33,7 +33,7 @@ SCRATCH = Path("/dev/shm")  # where runs put their checkpoints, when it exists
 
 # The small DLRM with tables capped at 2,000 rows: the model is small so that seed sweeps fit on 2 cores.
 MODEL_FLAGS = ("--model", "small", "--rows", "2000", "--lr", "0.01", "--embedding-lr", "0.05", "--no-progress")
-# Built-in Zipf set: 54,000 training rows in 106 steps of 512. Criteo sample: 9,000 rows, 127 steps of 64.
+# Built-in Zipf set: 54,000 training rows in 106 steps of 512. Criteo sample: 9,000 training rows in 141 steps of 64.
 DATASET_FLAGS = {
     "synthetic": ("--synthetic-rows", "60000", "--batch-size", "512"),
     "criteo_sample": ("--data", str(CRITEO_SAMPLE), "--batch-size", "64"),
