@@ -106,6 +106,9 @@ class RecoveryResult:
     failures: tuple[FailureEvent, ...] = field(default_factory=tuple)
 
 
+POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a full save
+
+
 @dataclass
 class _PendingSave:
     """A save whose snapshot is taken and whose parts are being written (or were, when `written` is set)."""
@@ -373,7 +376,7 @@ class CPRCheckpointer:
         stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
         return PartContent(tensors, tables, rows, codecs=stored)
 
-    def _parts(self, decision: SavePlan) -> dict[str, PartContent]:
+    def _parts(self, decision: SavePlan, policy_tensors: Mapping[str, torch.Tensor]) -> dict[str, PartContent]:
         parts = {}
         for domain in self.layout.local:
             content = self._domain_part(domain, decision)
@@ -384,7 +387,8 @@ class CPRCheckpointer:
             first = domain_part(self.layout.local[0])
             parts[first] = dataclasses.replace(parts[first], extra={"ledger": self.ledger.state_dict()})
         if decision.kind == "full" and self.coordinator.is_coordinator:
-            parts[DENSE_PART] = PartContent(dense.capture(self.model, self.optimizer, self.tables))
+            parts[DENSE_PART] = PartContent({**dense.capture(self.model, self.optimizer, self.tables),
+                                             **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}})
         return parts
 
     def _save(self, decision: SavePlan) -> bool:
@@ -394,14 +398,17 @@ class CPRCheckpointer:
         self.flush()
         started = time.perf_counter()
         step = self.global_step
-        parts = self._parts(decision)
+        policy_state = self.policy.state_dict()
+        policy_tensors = {k: v for k, v in policy_state.items() if isinstance(v, torch.Tensor)}
+        parts = self._parts(decision, policy_tensors)
         pending = _PendingSave(
             decision=dataclasses.replace(decision, step=step),
             parts=parts,
             counts=({t: self.tracker.counts(t) for t in self.tables.tables} if decision.kind == "full" else
                     {t: self.tracker.counts(t, rows=ids) for t, ids in decision.rows.items() if t in self.tables.tables}),
             extra={"reader": self.reader.state_dict() if self.reader is not None else None,
-                   "policy": self.policy.state_dict(), "reason": decision.reason},
+                   "policy": {k: v for k, v in policy_state.items() if k not in policy_tensors},
+                   "reason": decision.reason},
         )
         # The marks and the policy's plan take this save into account now, whenever its write finishes, so a
         # seeded run decides the same whatever the disk's speed; should the save fail, both are undone and
@@ -559,7 +566,10 @@ class CPRCheckpointer:
             if self.reader is not None and save.extra.get("reader") is not None:
                 self.reader.load_state_dict(save.extra["reader"])
             self.global_step = save.step
-            self.policy.load_state_dict(save.extra.get("policy") or {}, save.step)
+            policy_state = dict(save.extra.get("policy") or {})
+            policy_state.update({k.removeprefix(POLICY_PREFIX): v for k, v in loaded[DENSE_PART].tensors.items()
+                                 if k.startswith(POLICY_PREFIX)})
+            self.policy.load_state_dict(policy_state, save.step)
             if resume:
                 self._resume_record(save, loaded)
             for table in self.tables.tables:

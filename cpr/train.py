@@ -286,12 +286,37 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"failures {len(summary['failures'])}: " + ", ".join(f"step {f['step']} shard {f['shard']}" for f in summary["failures"]),
         f"PLS expected {summary['pls_expected']:.5f}  measured {summary['pls_measured']:.5f}",
     ]
+    verdict = pls_verdict(summary)
+    if verdict:
+        lines.append(verdict)
     o = summary["overhead"]
     lines.append(
         f"overhead (emulated hours) save {o['save']:.3f}  load {o['load']:.3f}  lost compute {o['lost_compute']:.3f}  "
         f"reschedule {o['reschedule']:.3f}  total {o['total_hours']:.3f} = {100 * o['total_fraction']:.2f}% of the job"
     )
     return "\n".join(lines)
+
+
+PLS_TOLERANCE = 0.2  # how far measured PLS may stray from the promise before the summary says so
+
+
+def pls_verdict(summary: dict[str, Any]) -> str:
+    """One plain sentence on measured PLS against the target and against this run's expected PLS (the
+    target scaled to the failures the run actually had); empty when nothing partial was recovered."""
+    if not summary["failures"] or summary["failures"][0]["recovery"] != "partial":
+        return ""
+    measured, expected, target = summary["pls_measured"], summary["pls_expected"], summary["plan"]["target_pls"]
+    failures, planned = len(summary["failures"]), summary["plan"]["partial"]["expected_failures"]
+
+    def off(value: float, reference: float) -> str:
+        if not reference:
+            return "no reference"
+        ratio = value / reference
+        return f"{ratio:.2f}x, {'within' if abs(ratio - 1) <= PLS_TOLERANCE else 'OFF by'} {abs(ratio - 1):.0%}"
+
+    return (f"PLS check: measured {measured:.4f} vs target {target:g} ({off(measured, target)}); vs expected "
+            f"{expected:.4f} for this run's {failures} failures, the plan assumed {planned:.3g} ({off(measured, expected)}). "
+            f"One run's PLS varies with which shard fails and when: compare means over seeds (experiments/pls_target.py).")
 
 
 def quiet_dependencies() -> None:

@@ -108,3 +108,15 @@ def test_invalid_target_pls_raises(target):
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="unknown preset 'datacenter'"):
         ClusterProfile.preset("datacenter")
+
+
+def test_summary_says_plainly_when_measured_pls_is_off_target():
+    from cpr.train import pls_verdict
+
+    summary = {"failures": [{"recovery": "partial"}] * 8, "pls_measured": 0.0328, "pls_expected": 0.0267,
+               "plan": {"target_pls": 0.02, "partial": {"expected_failures": 6.0}}}
+    verdict = pls_verdict(summary)
+    assert "1.64x, OFF by 64%" in verdict and "1.23x, OFF by 23%" in verdict and "8 failures" in verdict
+    assert "within 5%" in pls_verdict({**summary, "pls_measured": 0.021, "pls_expected": 0.02})
+    assert pls_verdict({**summary, "failures": [{"recovery": "full"}]}) == ""
+    assert pls_verdict({**summary, "failures": []}) == ""

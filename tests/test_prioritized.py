@@ -10,6 +10,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from cpr import CPRCheckpointer, ClusterProfile
+from cpr.faults import FailureSchedule
 from cpr.planning import AccessProfile, plan_for_budget, plan_prioritized
 from cpr.policies.prioritized import CALIBRATION_SAMPLE, SSUPolicy
 from cpr.train import parse_args, run
@@ -234,3 +235,32 @@ def test_cli_runs_the_policy_end_to_end(policy, tmp_path):
     assert summary["policy_memory_bytes"] > 0 or (policy == "ssu" and settings["subset_interval_steps"] == 0)
     kinds = {c["kind"] for c in summary["checkpoints"]}
     assert "full" in kinds and (settings["subset_interval_steps"] == 0 or "subset" in kinds)
+
+
+def planned_emulation(policy: str, seed: int, directory, target: float, steps: int = 400, failures: int = 16) -> dict:
+    """Train a plain EBC with `policy` planning its own settings for `target` and meet exactly the profile's
+    expected number of failures (seeded); the checkpointer's report."""
+    rows = [500, 300, 50]
+    ebc, optimizer = plain_ebc(rows)
+    profile = ClusterProfile(job_hours=100.0, mtbf_hours=100.0 / failures, num_shards=8, save_seconds=30.0, load_seconds=30.0)
+    ckpt = CPRCheckpointer(ebc, optimizer, directory / f"{policy}{seed}", policy=policy, profile=profile,
+                           target_pls=target, total_steps=steps)
+    pending = list(FailureSchedule.from_profile(profile, steps, seed=seed, count=failures))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ebc_step(ebc, optimizer, ckpt, make_batch(gen, 16, rows).sparse_features)
+        while pending and pending[0].step <= ckpt.global_step:
+            ckpt.recover([pending.pop(0).shard])
+    return ckpt.report()
+
+
+@pytest.mark.parametrize("policy", ["partial", *PRIORITIZED])
+def test_planned_settings_meet_the_pls_target_in_seeded_emulations(policy, tmp_path):
+    """With the profile's expected number of failures, the mean measured PLS over 3 seeds (48 failures) is
+    within 20% of the target, and of the runs' own expected PLS, whatever the policy's model gets wrong."""
+    target = 0.05
+    reports = [planned_emulation(policy, seed, tmp_path, target) for seed in range(3)]
+    measured = statistics.mean(r["pls_measured"] for r in reports)
+    expected = statistics.mean(r["pls_expected"] for r in reports)
+    assert measured == pytest.approx(target, rel=0.2), [r["pls_measured"] for r in reports]
+    assert measured == pytest.approx(expected, rel=0.2)

@@ -200,6 +200,7 @@ def test_dirty_rows_are_the_rows_accessed_since_their_last_save():
             start, end = TABLES[name] // 3, TABLES[name] - TABLES[name] // 5
             in_range = [r for r in range(start, end) if reference[r] > 0]
             assert tracker.dirty_rows(name, row_range=(start, end)).tolist() == in_range
+        assert tracker.pending_total() == sum(sum(reference) for reference in counts.values())  # kept, not summed
 
 
 def test_counters_saturate_at_int32_max():

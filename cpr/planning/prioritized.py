@@ -14,8 +14,8 @@ grid does not depend on the target and T_full only grows with it, a higher targe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,25 @@ class AccessProfile:
         if self.total_rate <= 0:
             raise ValueError(f"no accesses were observed in the {steps}-step calibration window")
         self._cumulative = [np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]
+        # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
+        self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
+
+    def to_tensors(self) -> dict[str, Any]:
+        """The profile as tensors and plain values (a policy keeps it in its saves to re-plan after a resume)."""
+        return {
+            "access_rates": torch.from_numpy(np.ascontiguousarray(self.rates, dtype=np.float64)),
+            "access_lengths": torch.tensor([len(g.rates) for g in self.groups], dtype=torch.int64),
+            "access_rows": torch.tensor([g.rows for g in self.groups], dtype=torch.int64),
+            "access_tables": [g.table for g in self.groups],
+            "access_steps": self.steps,
+        }
+
+    @classmethod
+    def from_tensors(cls, state: Mapping[str, Any]) -> AccessProfile:
+        """The profile `to_tensors()` gave."""
+        rates = np.split(state["access_rates"].numpy(), np.cumsum(state["access_lengths"].numpy())[:-1])
+        groups = [_ShardRates(table, int(rows), r) for table, rows, r in zip(state["access_tables"], state["access_rows"].tolist(), rates)]
+        return cls(groups, int(state["access_steps"]))
 
     @classmethod
     def from_counts(
@@ -128,6 +147,12 @@ class AccessProfile:
         be picked). A row that waits for theta accesses and then for the next subset save is on average
         (theta - 1) / (2 l) + T_sub / 2 old.
         """
+        key = (fraction, subset_steps)
+        if key not in self._mfu_ages:
+            self._mfu_ages[key] = self._solve_mfu_ages(fraction, subset_steps)
+        return self._mfu_ages[key]
+
+    def _solve_mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         s = float(subset_steps)
         sizes = np.array([len(g.rates) for g in self.groups])
         quota = np.array([math.ceil(fraction * g.rows) for g in self.groups], dtype=np.float64) / s
@@ -172,6 +197,8 @@ class PrioritizedPlan:
 
     `subset_interval_steps` 0 means no subset saves (plain partial recovery was cheapest). `mean_age_steps`
     is A, the access-weighted mean age of the rows' newest saves; `expected_pls` = A / (N * M).
+    `age_at(phase)` is the model's A `phase` steps after a full save (a policy compares it with the ages
+    it measures); it is left out of comparisons and reports.
     """
 
     kind: str
@@ -187,6 +214,7 @@ class PrioritizedPlan:
     bytes_per_hour: float
     target_pls: float | None
     meets_target: bool
+    age_at: Callable[[int], float] | None = field(default=None, compare=False, repr=False)
 
 
 class _Model:
@@ -260,14 +288,30 @@ class _Point:
         else:
             self._share = self._age = np.zeros(0)
 
+    def _subset_age(self) -> np.ndarray:
+        """v_i: each bin's mean age in whole steps. Saves and failures both fall on step ends, so a row
+        saved every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less
+        than the continuous-time u_i."""
+        return np.maximum(self._age - 0.5, 0.0)
+
+    def age_at(self, phase: int) -> float:
+        """A(phase): the expected access-weighted age `phase` steps after a full save. A row whose subset
+        saves alone give it whole-step age v (taken as exponential with mean v) is min(that, phase) old:
+        v (1 - e^(-phase / v)); rows no subset catches are `phase` old."""
+        v = self._subset_age()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ages = np.where(v > 0, v * -np.expm1(-phase / v), 0.0)
+        return float(np.dot(self._share, ages) + self._never * phase)
+
     def mean_age(self, full_steps: int) -> float:
-        """A(T_full): each row's age is the smaller of its subset-save age (mean u, taken as exponential)
-        and the time since the last full save (uniform on [0, T_full]): E = u - u^2 / T (1 - e^(-T/u)).
-        Less half a step: saves and failures both fall on step ends, so an interval of T steps leaves
-        ages 0 .. T-1 behind, (T - 1) / 2 on average."""
-        t, u = float(full_steps), self._age
-        capped = u - u * u / t * -np.expm1(-t / u)
-        return max(0.0, float(np.dot(self._share, capped) + self._never * t / 2) - 0.5)
+        """A(T_full): A(phase) averaged over the phases 0 .. T_full - 1 of a full-save cycle,
+        sum_phase (1 - e^(-phase / v)) = T - (1 - e^(-T / v)) / (1 - e^(-1 / v)). Tail rows get
+        (T_full - 1) / 2 as under plain partial recovery."""
+        t, v = float(full_steps), self._subset_age()
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ratio = np.where(v > 0, -np.expm1(-t / v) / -np.expm1(-1 / np.where(v > 0, v, 1.0)), t)
+            ages = np.where(v > 0, v * (1 - ratio / t), 0.0)
+        return max(0.0, float(np.dot(self._share, ages) + self._never * (t - 1) / 2))
 
     def longest_full(self, max_age: float) -> int | None:
         """The longest T_full (> T_sub, <= run length) whose mean age is at most `max_age`, or None."""
@@ -303,6 +347,7 @@ class _Point:
             bytes_per_hour=model.bytes_per_hour(full_steps, self.subset_steps, self.subset_bytes),
             target_pls=target,
             meets_target=target is None or pls <= target * (1 + 1e-9),
+            age_at=self.age_at,
         )
 
 
@@ -310,7 +355,7 @@ def _full_only(model: _Model, full_steps: int, target: float | None) -> Prioriti
     age = (full_steps - 1) / 2  # plain partial recovery, in whole steps as in `_Point.mean_age`
     return PrioritizedPlan(model.kind, full_steps, 0, None, None, None, 0.0, None, age, model.pls(age),
                            model.bytes_per_hour(full_steps, 0, 0.0), target,
-                           target is None or model.pls(age) <= target * (1 + 1e-9))
+                           target is None or model.pls(age) <= target * (1 + 1e-9), age_at=float)
 
 
 def _points(model: _Model, knobs: Sequence[float], subset_intervals: Sequence[int]) -> list[_Point]:

@@ -13,14 +13,15 @@ save that holds them, so rows saved often lose few updates. They differ in which
 
 Settings come from `cpr.planning.prioritized` at a calibration step (the first ~5% of the run, before the
 first planned full save), once access frequencies have been measured; until then the policy saves like
-plain partial recovery. Explicit settings in the context (`interval_steps`, options `fraction`,
+plain partial recovery. Afterwards the policy measures the ages a failure would find and re-plans so that
+the run meets its PLS target whatever the model got wrong (docs/prioritized.md, online re-planning). Explicit settings in the context (`interval_steps`, options `fraction`,
 `sample_rate`, `subset_interval_steps`) win over the planner. Derivation: docs/prioritized.md.
 """
 from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -49,9 +50,55 @@ def subset_row_bytes(tables: EmbeddingTables) -> dict[str, int]:
     return out
 
 
+class _AgeMeter:
+    """The ages a failure would really find. After every step it takes the accesses not yet saved (the
+    checkpointer's counters summed over every row: what failing all shards at once would lose), that
+    step's accesses, and what the plan's model predicted for the step; sums over steps make the access-
+    weighted mean age measured over the run (`measured_age`) and its ratio to the model (`correction`)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.unsaved = 0.0  # sum over steps of the unsaved accesses after the step's saves
+        self.accesses = 0.0  # accesses made over those steps
+        self.modelled = 0.0  # since planning: sum over steps of accesses x the model's age for the step
+        self.unsaved_modelled = 0.0  # since planning: the unsaved accesses of those same steps
+
+    def record(self, unsaved: float, accesses: float, model_age: float | None) -> None:
+        self.steps += 1
+        self.unsaved += unsaved
+        self.accesses += accesses
+        if model_age is not None:
+            self.modelled += accesses * model_age
+            self.unsaved_modelled += unsaved
+
+    @property
+    def measured_age(self) -> float | None:
+        return self.unsaved / self.accesses if self.accesses else None
+
+    @property
+    def correction(self) -> float | None:
+        """Measured over modelled ages since planning (None before there is anything to compare)."""
+        return self.unsaved_modelled / self.modelled if self.modelled > 0 else None
+
+
+# Every REPLAN_FRACTION of the run the measured ages are compared with the model; the settings are
+# re-planned when the target the model must aim at moved by more than _REPLAN_TOLERANCE.
+REPLAN_FRACTION = 0.05
+_REPLAN_TOLERANCE = 0.05
+_CORRECTION_RANGE = (1 / 3, 3.0)  # how far the measured ages may move the model's aim
+_CATCH_UP_RANGE = (0.25, 4.0)  # the rest of the run aims within these multiples of the whole-run goal
+
+
 class PrioritizedPolicy(CheckpointPolicy):
     """Full saves every `full_interval_steps`, subset saves of `select_rows()` every `subset_interval_steps`
-    (counted from the last full save), planned at `calibration_step`."""
+    (counted from the last full save), planned at `calibration_step` and re-planned online.
+
+    The plan's model predicts the access-weighted age of the rows' newest saves; the policy measures the
+    real one (`_AgeMeter`). Every REPLAN_FRACTION of the run it scales the model by measured / predicted
+    age since planning (which absorbs what the model gets wrong: the rotation of MFU's set, SCAR's
+    ranking by movement, rates misjudged in a short calibration window, accesses that drift) and re-plans
+    so that the whole run's mean age, including the steps already done, meets the target.
+    """
 
     recovery = "partial"
     knob_option: ClassVar[str]  # the context option that pins the planner's knob (r or p)
@@ -75,15 +122,39 @@ class PrioritizedPolicy(CheckpointPolicy):
         self.full_interval_steps = context.interval_steps or context.steps(context.plan.partial.interval_hours)
         self.subset_interval_steps = 0
         self.calibration_step = max(1, min(math.ceil(CALIBRATION_FRACTION * context.total_steps), self.full_interval_steps))
+        self.replan_every = max(1, math.ceil(REPLAN_FRACTION * context.total_steps))
         self.plan: PrioritizedPlan | None = None
+        self.replans = 0
+        self._access: AccessProfile | None = None
+        self._model_target = context.target_pls  # the target handed to the model at the last (re)plan
+        self._promised_age: float | None = None
+        self._meter = _AgeMeter()
+        self._step_accesses = 0
+        self._pending_unsaved: float | None = None  # this step's unsaved accesses, folded in next step
         self._step = 0
         self._last_full = self._previous_full = 0
+        self._full_bytes = 0
+        self._row_bytes: dict[str, int] = {}
+
+    # -- the whole-run goal -----------------------------------------------------------------------------
+    @property
+    def _age_per_pls(self) -> float:
+        """N * M in steps: PLS = A / (N * M)."""
+        ctx = self.context
+        return ctx.profile.num_shards * ctx.profile.job_mtbf_hours / ctx.hours_per_step
 
     # -- deciding ----------------------------------------------------------------------------------------
+    def observe(self, kjt: KeyedJaggedTensor) -> None:
+        self._step_accesses += kjt.values().numel()
+
     def decide(self, step: int) -> SavePlan | None:
+        self._fold_previous_step()
         self._step = step
         if self.plan is None and step >= self.calibration_step:
             self._calibrate(window=step - self._last_full)
+        elif self.plan is not None and step % self.replan_every == 0 and len(self.pinned) < 3:
+            self._replan(step)
+        self._pending_unsaved = self._unsaved()
         since_full = step - self._last_full
         if since_full >= self.full_interval_steps:
             return SavePlan("full", reason=f"every {self.full_interval_steps} steps")
@@ -96,32 +167,25 @@ class PrioritizedPolicy(CheckpointPolicy):
     def after_save(self, plan: SavePlan) -> None:
         if plan.saves_every_row:
             self._previous_full, self._last_full = self._last_full, plan.step
+        self._pending_unsaved = self._unsaved()
 
     def save_failed(self, plan: SavePlan) -> None:
         if plan.saves_every_row and self._last_full == plan.step:
             self._last_full = self._previous_full  # the full save is due again: the next step retries it
 
+    def _unsaved(self) -> float:
+        return float(self.context.tracker.pending_total())
+
+    def _fold_previous_step(self) -> None:
+        if self._pending_unsaved is None:
+            return
+        model_age = self.plan.age_at(self._step - self._last_full) if self.plan is not None and self.plan.age_at else None
+        self._meter.record(self._pending_unsaved, self._step_accesses, model_age)
+        self._pending_unsaved, self._step_accesses = None, 0
+
     def _calibrate(self, window: int) -> None:
-        ctx = self.context
-        knob = self.pinned.get(self.knob_option)
-        subset = self.pinned.get("subset_interval_steps")
-        access, full_bytes, row_bytes = self._job_access(max(1, window))
-        self.plan = plan_prioritized(
-            self.name,
-            access,
-            ctx.profile,
-            ctx.target_pls,
-            ctx.hours_per_step,
-            ctx.total_steps,
-            full_bytes=full_bytes,
-            row_bytes=row_bytes,
-            knobs=None if knob is None else [knob],
-            subset_intervals=None if subset is None else [subset],
-            full_interval_steps=self.pinned.get("full_interval_steps"),
-        )
-        self.full_interval_steps = self.plan.full_interval_steps
-        self.subset_interval_steps = self.plan.subset_interval_steps
-        self.apply_plan(self.plan)
+        self._access, self._full_bytes, self._row_bytes = self._job_access(max(1, window))
+        self._plan_for(self.context.target_pls, correction=1.0)
 
     def _job_access(self, window: int) -> tuple[AccessProfile, int, dict[str, int]]:
         """The whole job's access profile, model bytes and subset bytes per row of each table.
@@ -142,18 +206,97 @@ class PrioritizedPolicy(CheckpointPolicy):
         row_bytes = {table: n for _, _, per_table in gathered for table, n in per_table.items()}
         return access, sum(n for _, n, _ in gathered), row_bytes
 
+    def _job_meter(self) -> _AgeMeter:
+        """The ages measured over every rank's rows (each rank meters its own), the same on every rank."""
+        coordinator = self.context.coordinator
+        if coordinator is None or coordinator.world_size == 1:
+            return self._meter
+        job = _AgeMeter()
+        for meter in coordinator.all_gather(self._meter):
+            job.unsaved += meter.unsaved
+            job.accesses += meter.accesses
+            job.modelled += meter.modelled
+            job.unsaved_modelled += meter.unsaved_modelled
+        job.steps = self._meter.steps
+        return job
+
+    def _replan(self, step: int) -> None:
+        """Re-aim the model so that the whole run's measured mean age meets the goal N * M * target."""
+        meter = self._job_meter()
+        correction = meter.correction
+        rest = self.context.total_steps - step
+        if correction is None or rest <= 0 or not meter.accesses:
+            return
+        correction = min(max(correction, _CORRECTION_RANGE[0]), _CORRECTION_RANGE[1])
+        goal = self.context.target_pls * self._age_per_pls
+        rest_accesses = meter.accesses / meter.steps * rest
+        wanted = (goal * (meter.accesses + rest_accesses) - meter.unsaved) / rest_accesses
+        wanted = min(max(wanted, _CATCH_UP_RANGE[0] * goal), _CATCH_UP_RANGE[1] * goal)
+        target = min(max(wanted / correction / self._age_per_pls, 1e-9), 0.999)
+        if abs(target / self._model_target - 1) > _REPLAN_TOLERANCE:
+            self._plan_for(target, correction)
+            self.replans += 1
+
+    def _plan_for(self, target: float, correction: float) -> None:
+        ctx = self.context
+        knob = self.pinned.get(self.knob_option)
+        subset = self.pinned.get("subset_interval_steps")
+        if self.plan is not None and self.stateful_knobs():
+            # Changing p or T_sub would rebuild the SSU sets mid-interval: keep them, re-plan T_full.
+            knob, subset = self.plan.sample_rate, self.plan.subset_interval_steps
+        self.plan = plan_prioritized(
+            self.name,
+            self._access,
+            ctx.profile,
+            target,
+            ctx.hours_per_step,
+            ctx.total_steps,
+            full_bytes=self._full_bytes,
+            row_bytes=self._row_bytes,
+            knobs=None if knob is None else [knob],
+            subset_intervals=None if subset is None else [subset],
+            full_interval_steps=self.pinned.get("full_interval_steps"),
+        )
+        self._model_target = target
+        # What the run is promised: the whole-run goal when the policy may steer towards it and the model
+        # can meet it, else the model's age for the settings (corrected by the measured ages).
+        steering = len(self.pinned) < 3 and self.plan.meets_target
+        self._promised_age = ctx.target_pls * self._age_per_pls if steering else self.plan.mean_age_steps * correction
+        self.full_interval_steps = self.plan.full_interval_steps
+        self.subset_interval_steps = self.plan.subset_interval_steps
+        self.apply_plan(self.plan)
+
+    def stateful_knobs(self) -> bool:
+        """True when the knob and T_sub now in use hold state that a re-plan must not change."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": None if self.plan is None else asdict(self.plan),
-                "full_interval_steps": self.full_interval_steps, "subset_interval_steps": self.subset_interval_steps}
+        """The plan's inputs and the ages measured so far (the access profile as tensors, the rest JSON)."""
+        state: dict[str, Any] = {
+            "full_interval_steps": self.full_interval_steps, "subset_interval_steps": self.subset_interval_steps,
+            "replans": self.replans, "model_target": self._model_target,
+            "meter": {k: getattr(self._meter, k) for k in ("steps", "unsaved", "accesses", "modelled", "unsaved_modelled")},
+            "full_bytes": self._full_bytes, "row_bytes": self._row_bytes,
+        }
+        if self._access is not None:
+            state.update(self._access.to_tensors())
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
         # Resumed from the full save of `step`: counters, samples and saved copies all start from that save.
         self._step = self._last_full = step
+        self._pending_unsaved, self._step_accesses = None, 0
+        if "access_rates" not in state:
+            return  # saved before calibration: the resumed run calibrates as the first one would have
+        self._access = AccessProfile.from_tensors(state)
+        self._full_bytes, self._row_bytes = int(state["full_bytes"]), dict(state["row_bytes"])
+        for key, value in state["meter"].items():
+            setattr(self._meter, key, value)
+        correction = self._meter.correction or 1.0
+        self._plan_for(float(state["model_target"]), min(max(correction, _CORRECTION_RANGE[0]), _CORRECTION_RANGE[1]))
+        self.replans = int(state["replans"])
         self.full_interval_steps = int(state["full_interval_steps"])
         self.subset_interval_steps = int(state["subset_interval_steps"])
-        if state.get("plan") is not None:
-            self.plan = PrioritizedPlan(**state["plan"])
-            self.apply_plan(self.plan)
 
     @abstractmethod
     def access_profile(self, window: int) -> AccessProfile:
@@ -177,14 +320,18 @@ class PrioritizedPolicy(CheckpointPolicy):
 
     # -- reporting --------------------------------------------------------------------------------------
     def mean_age_steps(self) -> float:
-        """Access-weighted mean age of the rows' newest saves (T_full / 2 until planned)."""
-        return self.plan.mean_age_steps if self.plan is not None else self.full_interval_steps / 2
+        """The access-weighted mean age of the rows' newest saves the run is planned to have: the goal
+        N * M * target when the plan meets it, else the plan's; (T_full - 1) / 2 until planned."""
+        if self._promised_age is None:
+            return (self.full_interval_steps - 1) / 2
+        return self._promised_age
 
     def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
         # Each failure loses, on average, the accesses of one shard's rows over their mean age.
         return failures * self.mean_age_steps() / (num_shards * total_steps)
 
     def settings(self) -> dict[str, Any]:
+        self._fold_previous_step()
         hours = self.context.hours_per_step
         out: dict[str, Any] = {
             "full_interval_steps": self.full_interval_steps,
@@ -194,9 +341,12 @@ class PrioritizedPolicy(CheckpointPolicy):
             "calibration_step": self.calibration_step,
             "pinned": self.pinned,
             "target_pls": self.context.target_pls,
+            "replans": self.replans,
+            "measured_mean_age_steps": self._meter.measured_age,
+            "age_correction": self._meter.correction,
         }
         if self.plan is not None:
-            plan = asdict(self.plan)
+            plan = {f.name: getattr(self.plan, f.name) for f in fields(self.plan) if f.name != "age_at"}
             out.update({f"planned_{k}": v for k, v in plan.items() if k not in ("full_interval_steps", "subset_interval_steps")})
         return out
 
@@ -290,6 +440,7 @@ class SSUPolicy(PrioritizedPolicy):
         self._catch_up = False
 
     def observe(self, kjt: KeyedJaggedTensor) -> None:
+        super().observe(kjt)
         if self.tracker is not None:
             self.tracker.observe(kjt)
         elif self._sample is not None:
@@ -302,9 +453,12 @@ class SSUPolicy(PrioritizedPolicy):
         self._sample = None  # calibration only: the sample's memory is released once planned
         return AccessProfile.from_sample(by_table, fraction, self.context.layout.ranges, window)
 
+    def stateful_knobs(self) -> bool:
+        return self.tracker is not None
+
     def apply_plan(self, plan: PrioritizedPlan) -> None:
-        if not plan.subset_interval_steps:
-            return  # plain partial recovery was cheapest: nothing to sample
+        if not plan.subset_interval_steps or self.tracker is not None:
+            return  # nothing to sample, or the sets in use keep their p and capacity
         tables = self.context.tables
         self.tracker = AccessTracker(
             {name: info.local_rows for name, info in tables.tables.items()},

@@ -82,6 +82,7 @@ class AccessTracker:
         self._counts: list[torch.Tensor] = []
         self._slots: list[torch.Tensor] = []
         self._stats: list[torch.Tensor] = []
+        self._pending = 0  # the counters' sum, kept as they change (MFU): accesses not yet saved
         if mode == "mfu":
             self._counts = [torch.zeros(rows, dtype=torch.int32, device=self.device) for rows in self._rows_list]
         else:
@@ -127,6 +128,7 @@ class AccessTracker:
         feature_tables = self._feature_table_indices(tuple(kjt.keys()))
         if self.mode == "mfu":
             ops.count_accesses(self._counts, self._rows_list, values, key_offsets, feature_tables)
+            self._pending += values.numel()
         else:
             ops.sample_accesses(
                 self._slots, self._stats, self._rows_list, values, key_offsets, feature_tables,
@@ -225,10 +227,22 @@ class AccessTracker:
         if rows is not None and row_range is not None:
             raise ValueError("give rows or row_range, not both")
         if rows is not None:
-            ops.mark_saved_rows(self._counts[i], rows.to(device=self.device, dtype=torch.int64))
+            rows = rows.to(device=self.device, dtype=torch.int64)
+            # Read before the reset; clamped so that bad ids reach the op's own check (which changes nothing).
+            unique = rows.unique().clamp(0, max(self.table_rows[table] - 1, 0))
+            cleared = int(self._counts[i][unique].sum()) if rows.numel() else 0
+            ops.mark_saved_rows(self._counts[i], rows)
         else:
             start, end = self._range(table, row_range)
+            cleared = int(self._counts[i][start:end].sum())
             ops.mark_saved_range(self._counts[i], start, end)
+        self._pending -= cleared
+
+    def pending_total(self) -> int:
+        """Accesses not yet saved, over every row: the counters' sum, kept as they change (MFU only)."""
+        if self.mode != "mfu":
+            raise RuntimeError("pending_total() needs mode='mfu'")
+        return self._pending
 
     def add_counts(self, table: str, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Give back accesses a save cleared (`counts` of every row, or of `rows`) when that save failed: they
@@ -238,6 +252,7 @@ class AccessTracker:
             raise RuntimeError("add_counts() needs mode='mfu'")
         live = self._counts[i] if rows is None else self._counts[i][rows.to(device=self.device, dtype=torch.int64)]
         total = (live.to(torch.int64) + counts.to(self.device, torch.int64)).clamp_(max=torch.iinfo(torch.int32).max)
+        self._pending += int(total.sum() - live.to(torch.int64).sum())
         if rows is None:
             self._counts[i].copy_(total)
         else:
@@ -292,3 +307,4 @@ class AccessTracker:
             for field, tensors in fields.items():
                 tensors[i].copy_(state["tables"][name][field])
         self._step = int(state["step"])
+        self._pending = int(sum(int(c.sum()) for c in self._counts))
