@@ -7,6 +7,7 @@ from the cache (runs/experiments/cache/<hash of the flags>/summary.json), so exp
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -40,6 +41,15 @@ DATASET_FLAGS = {
 }
 # Tiny settings for smoke tests (--tiny): a few steps on a small synthetic set.
 TINY_DATASET_FLAGS = {"synthetic": ("--synthetic-rows", "3000", "--batch-size", "256", "--rows", "300")}
+
+
+def experiment_parser(doc: str | None, quick_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every experiment takes: --quick (a fast look), --tiny (a smoke test), --seeds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    return parser
 
 
 def available_datasets(names: Iterable[str], tiny: bool = False) -> dict[str, tuple[str, ...]]:

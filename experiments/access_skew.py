@@ -14,7 +14,6 @@ OUT/results.md and OUT/access_skew.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     MODEL_FLAGS, RESULTS_ROOT, Job, available_datasets, command_line, expected_failures, markdown_table, mean_sd, plt,
     run_all, write_outputs,
 )
@@ -52,10 +52,7 @@ def access_curve(flags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--fractions", type=float, nargs="+", help="MFU r values")
     parser.add_argument("--sample-rates", type=float, nargs="+", help="SSU p values")
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "criteo_sample"])

@@ -13,7 +13,6 @@ OUT/results.json, OUT/results.md and OUT/bytes_vs_pls.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     RESULTS_ROOT, available_datasets, command_line, markdown_table, mean_sd, plt, run_all, write_outputs,
 )
 from experiments.pls_vs_accuracy import SWEEP_SHARDS, sweep_jobs  # noqa: E402
@@ -32,10 +32,7 @@ PAPER = ("CPR-MFU and CPR-SSU save the most-used rows more often, reaching the P
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--targets", type=float, nargs="+")
     parser.add_argument("--datasets", nargs="+")

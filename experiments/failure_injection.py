@@ -15,7 +15,6 @@ Writes OUT/results.json, OUT/results.md and OUT/failure_injection.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     MODEL_FLAGS, RESULTS_ROOT, Job, available_datasets, command_line, markdown_table, mean_sd, plt, run_all,
     write_outputs,
 )
@@ -35,10 +35,7 @@ PAPER = ("On a production cluster full recovery costs 8.2-8.5% of training time;
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed instead of 3")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__, "1 seed instead of 3")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "criteo_sample"])
     parser.add_argument("--profile", default="production")

@@ -13,7 +13,6 @@ OUT/results.json, OUT/results.md and OUT/overhead.png.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     MODEL_FLAGS, RESULTS_ROOT, Job, available_datasets, command_line, markdown_table, mean_sd, plt, run_all,
     write_outputs,
 )
@@ -55,10 +55,7 @@ def _full_bytes(summary: dict) -> int:
 def main(argv: list[str] | None = None) -> dict:
     from cpr.planning import ClusterProfile
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--mtbf-hours", type=float, nargs="+", help="node MTBFs (production: 400)")
     parser.add_argument("--shards", type=int, nargs="+", help="shard counts (production: 16)")

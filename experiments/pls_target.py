@@ -13,7 +13,6 @@ Writes OUT/results.json, OUT/results.md and OUT/pls_target.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     MODEL_FLAGS, RESULTS_ROOT, Job, available_datasets, command_line, expected_failures, markdown_table, mean_sd,
     plt, run_all, write_outputs,
 )
@@ -33,10 +33,7 @@ PAPER = ("The planner chooses checkpoint settings for a PLS target; the paper's 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 seeds instead of 8")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__, "3 seeds instead of 8")
     parser.add_argument("--target-pls", type=float, default=0.02)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "criteo_sample"])

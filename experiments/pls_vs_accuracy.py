@@ -15,7 +15,6 @@ OUT/pls_vs_accuracy.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (  # noqa: E402
+    experiment_parser,
     MODEL_FLAGS, RESULTS_ROOT, Job, available_datasets, command_line, expected_failures, linear_fit, markdown_table,
     mean_sd, plt, run_all, write_outputs,
 )
@@ -59,10 +59,7 @@ def sweep_jobs(data: dict[str, tuple[str, ...]], policies: Sequence[str], target
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds, meaningless numbers)")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--policies", nargs="+")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "criteo_sample"])

@@ -12,7 +12,7 @@ import torch
 
 from cpr import CPRCheckpointer
 from cpr.storage import CheckpointStore
-from tests.test_checkpointer import make_batch, plain_ebc
+from tests.test_checkpointer import ebc_step, make_batch, plain_ebc
 from tests.test_storage import REPO
 
 ROWS = [64, 48, 32]
@@ -26,20 +26,12 @@ def _job(tmp_path, name: str, async_save: bool, interval: int = 2):
     return ebc, optimizer, ckpt
 
 
-def _step(ebc, optimizer, ckpt, batch) -> None:
-    ckpt.observe(batch)
-    optimizer.zero_grad()
-    sum(v.sum() for v in ebc(batch.sparse_features).to_dict().values()).backward()
-    optimizer.step()
-    ckpt.step()
-
-
 def test_an_async_save_equals_a_sync_save_of_the_same_state(tmp_path):
     jobs = {mode: _job(tmp_path, mode, async_save=(mode == "async")) for mode in ("async", "sync")}
     for mode, (ebc, optimizer, ckpt) in jobs.items():
         gen = torch.Generator().manual_seed(1)
         for _ in range(7):
-            _step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
+            ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
         ckpt.flush()
     saves = {mode: ckpt.store.saves() for mode, (_, _, ckpt) in jobs.items()}
     assert [(s.step, s.kind) for s in saves["async"]] == [(s.step, s.kind) for s in saves["sync"]] == \
@@ -69,13 +61,13 @@ def test_a_failed_background_write_undoes_the_marks(tmp_path):
         batch = make_batch(gen, rows=ROWS)
         for table, feature in zip(ckpt.tables.tables, batch.sparse_features.keys()):
             looked_up[table] += batch.sparse_features[feature].values().numel()
-        _step(ebc, optimizer, ckpt, batch)
+        ebc_step(ebc, optimizer, ckpt, batch)
     ckpt.flush()
     assert [(f.step, f.kind) for f in ckpt.ledger.failed_saves] == [(2, "full")]
     # The step-2 save never committed: every access since the initial save is still pending.
     assert {t: int(ckpt.tracker.counts(t).sum()) for t in ckpt.tables.tables} == looked_up
     assert [s.step for s in ckpt.store.saves()] == [0]
-    _step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))  # step 4: the next save goes through
+    ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))  # step 4: the next save goes through
     ckpt.flush()
     assert [s.step for s in ckpt.store.saves()] == [0, 4]
 
@@ -85,7 +77,7 @@ CHILD = textwrap.dedent("""
     import torch
     from cpr import CPRCheckpointer
     from cpr.storage import tensor_io
-    from tests.test_checkpointer import make_batch, plain_ebc
+    from tests.test_checkpointer import ebc_step, make_batch, plain_ebc
 
     ebc, optimizer = plain_ebc([64, 48, 32])
     ckpt = CPRCheckpointer(ebc, optimizer, sys.argv[1], policy="partial", num_shards=2, total_steps=20,

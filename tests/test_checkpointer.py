@@ -280,7 +280,8 @@ def _adam_job(tmp_path, name: str):
     return ebc, optimizer, ckpt
 
 
-def _adam_step(ebc, optimizer, ckpt, batch) -> None:
+def ebc_step(ebc, optimizer, ckpt, batch) -> None:
+    """One training step of a plain EBC (sum of the pooled embeddings as the loss), seen by `ckpt`."""
     ckpt.observe(batch)
     optimizer.zero_grad()
     sum(v.sum() for v in ebc(batch.sparse_features).to_dict().values()).backward()
@@ -294,7 +295,7 @@ def test_an_optimizer_with_lazily_created_state_recovers_right_after_the_start(t
     initial = ckpt.store.load_part(ckpt.store.saves()[0], "domain-00001").tensors
     gen = torch.Generator().manual_seed(8)
     for _ in range(2):
-        _adam_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
+        ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
     ckpt.recover([1])
     start, end = ckpt.layout.rows("t0", 1)
     assert torch.equal(ckpt.tables.weight("t0")[start:end], initial["emb/t0/weight"])
@@ -307,7 +308,7 @@ def test_stateful_round_trip_keeps_a_lazily_created_optimizer_state(tmp_path):
     ebc, optimizer, ckpt = _adam_job(tmp_path, "a")
     gen = torch.Generator().manual_seed(9)
     for _ in range(3):
-        _adam_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
+        ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=[40, 30, 20]))
     dcp.save({"cpr": ckpt}, checkpoint_id=str(tmp_path / "dcp"))
     saved = {id_: {k: v.clone() for k, v in state.items()} for id_, state in enumerate(optimizer.state.values())}
 
