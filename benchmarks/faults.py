@@ -183,6 +183,7 @@ def checkpointer_try(policy: str, damage: str) -> Callable[[Path], Outcome]:
                 for table in ckpt.tables.tables:
                     ckpt.tables.weight(table).add_(1.0)  # stands in for an optimizer step: every row moves
             ckpt.step()
+        ckpt.flush()  # the step-3 save is written in the background: wait for its commit
         older, newest = ckpt.store.saves("full")[-2:]
         expected = ckpt.store.load_part(older, PART).tensors
         if all(torch.equal(t, ckpt.store.load_part(newest, PART).tensors[name]) for name, t in expected.items()):
