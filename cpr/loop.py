@@ -179,7 +179,7 @@ def train(
             rate = samples / step_seconds if step_seconds else 0.0
             metrics.write({"step": step, "train_loss": loss_sum / loss_count, "samples_per_s": rate})
             bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", samples_s=f"{rate:,.0f}")
-            if not coordinator.is_coordinator or not progress:
+            if coordinator.world_size > 1 and (not coordinator.is_coordinator or not progress):
                 print(f"[rank {coordinator.rank}] step {step}/{total_steps} loss {loss_sum / loss_count:.4f} "
                       f"{rate:,.0f} samples/s", file=sys.stderr, flush=True)
             loss_sum, loss_count = 0.0, 0
