@@ -196,10 +196,9 @@ class CPRCheckpointer:
                                  f"{world} ranks (emulated row-range shards are for one-process runs)")
             self.layout = ShardLayout.ranks(self.tables.tables, self.coordinator.rank, world)
         else:
-            if num_shards is not None:
-                self.profile = dataclasses.replace(self.profile, num_shards=num_shards)
-            self.layout = ShardLayout.virtual(self.tables.tables, self.profile.num_shards)
-        self.profile = dataclasses.replace(self.profile, num_shards=self.layout.num_shards)
+            self.layout = ShardLayout.virtual(self.tables.tables,
+                                              self.profile.num_shards if num_shards is None else num_shards)
+        self.profile = dataclasses.replace(self.profile, num_shards=self.layout.num_shards)  # the plan's N
         self.plan: PlanResult = plan(self.profile, target_pls)
         self.total_steps = total_steps
         self.hours_per_step = self.profile.job_hours / total_steps
