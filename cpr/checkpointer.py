@@ -286,14 +286,14 @@ class CPRCheckpointer:
 
     def step(self) -> SavePlan | None:
         """Count one finished training step; commit a save whose background write has finished, and start
-        the save the policy asks for now. Returns that decision, or None (also when its save could not even
-        be staged). A save that fails is reported and abandoned, never raised: the next one retries."""
+        the save the policy asks for now. Returns that decision, or None. A save that fails is reported and
+        abandoned when it would commit, never raised: the next one retries."""
         self.global_step += 1
         self._poll_pending()
         decision = self._written_as(self.policy.decide(self.global_step))
-        if decision is not None and self._save(decision):
-            return decision
-        return None
+        if decision is not None:
+            self._save(decision)
+        return decision
 
     def flush(self) -> None:
         """Wait for the save in flight, if any, and commit it (collective)."""
@@ -324,13 +324,11 @@ class CPRCheckpointer:
         new_bytes: dict[str, int] = {}
         for domain in self.layout.local:
             new_bytes[domain_part(domain)] = 0
-            for table, meta in self._table_meta.items():
-                start, end = self.layout.rows(table, domain)
-                if start == end:
-                    continue
-                ids = self.tracker.dirty_rows(table, (start, end))
+            for table, held in self.layout.held(domain).items():
+                ids = self.tracker.dirty_rows(table, held)
                 rows.setdefault(table, []).append(ids)
-                per_row = codecs.stored_nbytes(self.weight_codec, self.tables.weight(table).dtype, (1, meta.dim))
+                per_row = codecs.stored_nbytes(self.weight_codec, self.tables.weight(table).dtype,
+                                               (1, self._table_meta[table].dim))
                 per_row += sum(state[0].nbytes for state in self.tables.row_states(table).values()) + 8  # + the id
                 new_bytes[domain_part(domain)] += ids.numel() * per_row
         every_domain = {part: n for gathered in self.coordinator.all_gather(new_bytes) for part, n in gathered.items()}
@@ -349,10 +347,7 @@ class CPRCheckpointer:
         tensors: dict[str, torch.Tensor] = {}
         tables: dict[str, TableMeta] = {}
         rows: dict[str, tuple[int, int]] = {}
-        for table in self.tables.tables:
-            start, end = self.layout.rows(table, domain)
-            if start == end:
-                continue
+        for table, (start, end) in self.layout.held(domain).items():
             weight, states = self.tables.weight(table), self.tables.row_states(table)
             if decision.kind == "full":  # copies: training goes on while they are written
                 tensors[weight_name(table)] = weight[start:end].detach().clone()
@@ -390,10 +385,10 @@ class CPRCheckpointer:
                                              **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}})
         return parts
 
-    def _save(self, decision: SavePlan) -> bool:
+    def _save(self, decision: SavePlan) -> None:
         """Snapshot what `decision` saves, then persist it (in the background, or here with `async_save`
         off) and commit it once every rank's parts are durable. At most one save is in flight: a decision
-        made while one is still being written first waits for it to commit. False if nothing was started."""
+        made while one is still being written first waits for it to commit."""
         self.flush()
         started = time.perf_counter()
         step = self.global_step
@@ -422,7 +417,6 @@ class CPRCheckpointer:
         self._pending = pending
         if self._executor is None:
             self._commit(pending)
-        return True
 
     def _mark_saved(self, decision: SavePlan) -> None:
         if decision.kind == "full":
@@ -456,9 +450,9 @@ class CPRCheckpointer:
         if pending is not None and self.coordinator.all_true(pending.future is None or pending.future.done()):
             self._commit(pending)
 
-    def _commit(self, pending: _PendingSave) -> bool:
+    def _commit(self, pending: _PendingSave) -> None:
         """Wait for this process's parts, then commit the save where every rank's parts are durable, or
-        abandon it everywhere; the marks take effect only on commit."""
+        abandon it everywhere and undo the marks and the policy's bookkeeping its snapshot made."""
         self._pending = None
         started = time.perf_counter()
         records, error, staging, persist_seconds = pending.future.result() if pending.future else pending.written
@@ -468,7 +462,7 @@ class CPRCheckpointer:
         if kind == "subset" and not errors and not any(r for r, _ in gathered):
             if self.coordinator.is_coordinator and staging is not None:
                 self.store.abandon(staging)
-            return False  # no rank had a row to save: nothing to commit
+            return  # no rank had a row to save: nothing to commit
         outcome: str | None = None
         if self.coordinator.is_coordinator:
             if errors:
@@ -493,10 +487,9 @@ class CPRCheckpointer:
             if self.coordinator.is_coordinator:
                 print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
                       "goes on and the next save retries", file=sys.stderr)
-            return False
+            return
         self.ledger.record_save(step, kind, sum(r.nbytes for r in records.values()),
                                 pending.stall_seconds + time.perf_counter() - started, persist_seconds)
-        return True
 
     # -- recovery ---------------------------------------------------------------------------------------
     def recover(self, failed_shards: Sequence[int]) -> RecoveryResult:
@@ -533,8 +526,7 @@ class CPRCheckpointer:
         for domain in self.layout.local:
             part = domain_part(domain)
             loaded[part] = self.store.load_part(save, part)
-            check_part_rows(loaded[part], {t: self.layout.global_rows(t, domain) for t in self.tables.tables
-                                           if self.layout.rows(t, domain)[1] > self.layout.rows(t, domain)[0]})
+            check_part_rows(loaded[part], {t: self.layout.global_rows(t, domain) for t in self.layout.held(domain)})
         loaded[DENSE_PART] = self.store.load_part(save, DENSE_PART)
         return loaded
 
@@ -594,10 +586,7 @@ class CPRCheckpointer:
         with torch.no_grad():
             for domain in self.layout.local:
                 tensors = loaded[domain_part(domain)].tensors
-                for table in self.tables.tables:
-                    start, end = self.layout.rows(table, domain)
-                    if start == end:
-                        continue
+                for table, (start, end) in self.layout.held(domain).items():
                     self.tables.weight(table)[start:end].copy_(tensors[weight_name(table)])
                     for state, value in self.tables.row_states(table).items():
                         value[start:end].copy_(tensors[state_name(table, state)])
@@ -620,8 +609,7 @@ class CPRCheckpointer:
 
     def _restore_domain(self, shard: int, saves: Sequence[SaveInfo]) -> tuple[int, int, int]:
         """Reload domain `shard`'s newest saved rows here; (lost updates, oldest restored step, bytes read)."""
-        held = {t: self.layout.rows(t, shard) for t in self.tables.tables}
-        held = {t: r for t, r in held.items() if r[1] > r[0]}
+        held = self.layout.held(shard)
         restored = restore_domain(
             self.store, saves, domain_part(shard),
             rows={t: self.layout.global_rows(t, shard) for t in held},

@@ -76,6 +76,11 @@ class ShardLayout:
         self.check(shard)
         return self.ranges[table][shard]
 
+    def held(self, shard: int) -> dict[str, tuple[int, int]]:
+        """The local rows [start, end) of every table of which `shard` holds some here."""
+        self.check(shard)
+        return {table: ranges[shard] for table, ranges in self.ranges.items() if ranges[shard][1] > ranges[shard][0]}
+
     def global_rows(self, table: str, shard: int) -> tuple[int, int]:
         """The rows of `table` that `shard` holds here, as global row ids."""
         start, end = self.rows(table, shard)
