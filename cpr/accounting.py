@@ -5,9 +5,11 @@ for `hours_per_step` of it, and each save, load and reschedule costs what the `C
 (scaled by the bytes actually moved, since a subset or a single shard moves less than the whole model).
 Real seconds measured on this machine are recorded beside them.
 
-In a multi-rank job every rank keeps its own ledger of what it counted (the row-updates its shards served,
-the bytes of its part of each save, the updates its rows lost) and `RunLedger.merged` adds them up in the
-same order on every rank, so the job's PLS is exact: lost row-updates over all row-updates of all ranks.
+In a multi-rank job the events (saves, failures, recoveries of killed ranks) are the job's: every rank
+records the same ones, with bytes and lost updates already summed over the ranks when they happen, so a
+replacement for a killed rank can take them over from a survivor. Only what a rank counts alone, the
+row-updates its shards served and the size of what it holds, is per rank; `RunLedger.merged` adds those
+up, so the job's PLS is exact: lost row-updates over all row-updates of all ranks.
 """
 from __future__ import annotations
 
@@ -34,6 +36,30 @@ class FailureEvent:
     lost_updates: int
     lost_steps: int
     loaded_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """A rank's process that really died (killed) and was replaced, in a supervised job.
+
+    Times run from the death (as the supervisor or the kill injector saw it) to the survivors training
+    again (`seconds_to_resume`) and to the replacement training (`seconds_to_rejoin`). `bytes_read` is what
+    the replacement read from the checkpoint, `own_bytes` the size of that rank's rows and row-wise optimizer
+    state, `survivor_bytes_read` what the survivors read (0 when they kept their memory). `dropped_steps`:
+    the step in flight at the death, whose updates are dropped, not trained again.
+    """
+
+    rank: int
+    step: int
+    kind: str
+    generation: int
+    seconds_to_resume: float
+    seconds_to_rejoin: float
+    bytes_read: int
+    own_bytes: int
+    survivor_bytes_read: int
+    dropped_steps: int
+    resumed_at: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,7 @@ class RunLedger:
     checkpoints: list[CheckpointEvent] = field(default_factory=list)
     failures: list[FailureEvent] = field(default_factory=list)
     failed_saves: list[FailedSave] = field(default_factory=list)
+    recoveries: list[RecoveryRecord] = field(default_factory=list)
     total_updates: int = 0
 
     def record_updates(self, count: int) -> None:
@@ -87,6 +114,15 @@ class RunLedger:
 
     def record_failure(self, event: FailureEvent) -> None:
         self.failures.append(event)
+
+    def record_recovery(self, record: RecoveryRecord) -> None:
+        self.recoveries.append(record)
+
+    def adopt_events(self, other: RunLedger) -> None:
+        """Take over the job's events from `other` (a survivor's ledger): a replacement for a killed rank
+        continues the job's record, not its own."""
+        self.checkpoints, self.failures = list(other.checkpoints), list(other.failures)
+        self.failed_saves, self.recoveries = list(other.failed_saves), list(other.recoveries)
 
     @property
     def overhead(self) -> Overhead:
@@ -112,9 +148,8 @@ class RunLedger:
 
     @classmethod
     def merged(cls, ledgers: Sequence[RunLedger]) -> RunLedger:
-        """One ledger for the whole job from every rank's (same saves and failures, in the same order):
-        bytes, updates and losses add up, a save takes as long as its slowest part, `full_bytes` is the
-        whole model."""
+        """One ledger for the whole job from every rank's: the job's events once (a save stalled training as
+        long as its slowest rank), the per-rank counts added up (`full_bytes` is the whole model)."""
         first = ledgers[0]
         if any(len(l.checkpoints) != len(first.checkpoints) or len(l.failures) != len(first.failures) for l in ledgers):
             raise ValueError("ranks recorded different numbers of saves or failures")
@@ -123,17 +158,13 @@ class RunLedger:
             full_bytes=sum(l.full_bytes for l in ledgers),
             total_updates=sum(l.total_updates for l in ledgers),
             checkpoints=[
-                dataclasses.replace(events[0], bytes=sum(e.bytes for e in events), seconds=max(e.seconds for e in events),
+                dataclasses.replace(events[0], seconds=max(e.seconds for e in events),
                                     persist_seconds=max(e.persist_seconds for e in events))
                 for events in zip(*(l.checkpoints for l in ledgers))
             ],
-            failures=[
-                dataclasses.replace(events[0], lost_updates=sum(e.lost_updates for e in events),
-                                    loaded_bytes=sum(e.loaded_bytes for e in events),
-                                    restored_step=min(e.restored_step for e in events))
-                for events in zip(*(l.failures for l in ledgers))
-            ],
+            failures=list(first.failures),
             failed_saves=list(first.failed_saves),
+            recoveries=list(first.recoveries),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -142,6 +173,7 @@ class RunLedger:
             "checkpoints": [asdict(c) for c in self.checkpoints],
             "failures": [asdict(f) for f in self.failures],
             "failed_saves": [asdict(f) for f in self.failed_saves],
+            "recoveries": [asdict(r) for r in self.recoveries],
             "total_updates": self.total_updates,
         }
 
@@ -149,6 +181,7 @@ class RunLedger:
         self.checkpoints = [CheckpointEvent(**c) for c in state["checkpoints"]]
         self.failures = [FailureEvent(**f) for f in state["failures"]]
         self.failed_saves = [FailedSave(**f) for f in state["failed_saves"]]
+        self.recoveries = [RecoveryRecord(**r) for r in state.get("recoveries", [])]
         self.total_updates = int(state["total_updates"])
 
     def summary(self) -> dict[str, Any]:
@@ -160,6 +193,7 @@ class RunLedger:
             "failures": [asdict(f) for f in self.failures],
             "checkpoints": [asdict(c) for c in self.checkpoints],
             "failed_saves": [asdict(f) for f in self.failed_saves],
+            "recoveries": [asdict(r) for r in self.recoveries],
             "bytes_written": self.bytes_written,
             "bytes_per_hour": self.bytes_written / self.job_hours,
             "lost_updates": self.lost_updates,

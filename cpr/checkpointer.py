@@ -98,6 +98,19 @@ class Stateful(Protocol):
 
 
 @dataclass(frozen=True)
+class RejoinResult:
+    """What `rejoin` did in a re-formed group: `kind` is `partial` (the replaced ranks restored their own
+    rows, the survivors kept theirs), `full` (every rank rolled back to the last full save) or `restart` (no
+    rank had state: the newest full save, or the initial state). `bytes_read` were read by this process."""
+
+    kind: str
+    step: int  # where training goes on
+    failed_at: int  # the steps done when the group broke
+    bytes_read: int
+    replaced: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RecoveryResult:
     """What a recovery did; `step` is the step training continues from (earlier than before for `full`)."""
 
@@ -117,6 +130,7 @@ class _PendingSave:
     parts: dict[str, PartContent]
     counts: dict[str, torch.Tensor]  # the access counters the save cleared, given back should it fail
     extra: dict[str, Any]  # the commit record's: reader position and policy state at the snapshot
+    unsaved: int = 0  # the access counts above, summed: updates that are lost should this save not commit
     future: Future | None = None
     written: tuple | None = None
     stall_seconds: float = 0.0
@@ -142,6 +156,8 @@ class CPRCheckpointer:
         policy_options: extra settings for the prioritized policies (see `cpr.policies.make_policy`).
         resume: continue a run that died (a real crash, not an emulated failure): everything, including
             `global_step` and the reader, starts from the newest loadable full save in `directory`, if any.
+        joining: this process replaces a killed rank of a supervised job: it neither saves nor loads here;
+            `rejoin`, called with the survivors, brings its state (see `cpr.elastic`).
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
         async_save: write saves in a background thread while training goes on (the snapshot copy is the
             only stall); False writes them inside `step()`.
@@ -176,6 +192,7 @@ class CPRCheckpointer:
         overwrite: bool = False,
         quantize: str = "none",
         differential: bool = False,
+        joining: bool = False,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -235,7 +252,8 @@ class CPRCheckpointer:
         self._hooked = hook_served_lookups(model, self._record_lookups)
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
-        self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
+        # (a joining process learns it in `rejoin`, with the survivors)
+        self._staging_tag = None if joining else self.coordinator.broadcast(self.store.writer_tag())
         own_bytes = self.tables.nbytes()
         if self.coordinator.is_coordinator:
             own_bytes += sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
@@ -251,6 +269,8 @@ class CPRCheckpointer:
         self._pending: _PendingSave | None = None
         # One writer thread: at most one save in flight, and its parts are written in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
+        if joining:
+            return
         saves = self.store.saves()
         if resume and self._rollback(saves, resume=True) is not None:
             return
@@ -402,8 +422,9 @@ class CPRCheckpointer:
                     {t: self.tracker.counts(t, rows=ids) for t, ids in decision.rows.items() if t in self.tables.tables}),
             extra={"reader": self.reader.state_dict() if self.reader is not None else None,
                    "policy": {k: v for k, v in policy_state.items() if k not in policy_tensors},
-                   "reason": decision.reason},
+                   "reason": decision.reason, "every_row": decision.saves_every_row},
         )
+        pending.unsaved = sum(int(c.sum()) for c in pending.counts.values())
         # The marks and the policy's plan take this save into account now, whenever its write finishes, so a
         # seeded run decides the same whatever the disk's speed; should the save fail, both are undone and
         # the next save retries.
@@ -452,14 +473,16 @@ class CPRCheckpointer:
 
     def _commit(self, pending: _PendingSave) -> None:
         """Wait for this process's parts, then commit the save where every rank's parts are durable, or
-        abandon it everywhere and undo the marks and the policy's bookkeeping its snapshot made."""
-        self._pending = None
+        abandon it everywhere and undo the marks and the policy's bookkeeping its snapshot made.
+
+        Should a rank die meanwhile (CoordinationError), the save stays pending: `rejoin` settles it."""
         started = time.perf_counter()
         records, error, staging, persist_seconds = pending.future.result() if pending.future else pending.written
         step, kind = pending.decision.step, pending.decision.kind
         gathered = self.coordinator.all_gather((records, error))
         errors = [e for _, e in gathered if e]
         if kind == "subset" and not errors and not any(r for r, _ in gathered):
+            self._pending = None
             if self.coordinator.is_coordinator and staging is not None:
                 self.store.abandon(staging)
             return  # no rank had a row to save: nothing to commit
@@ -479,17 +502,26 @@ class CPRCheckpointer:
                 except OSError as err:
                     outcome = f"commit: {type(err).__name__}: {err}"
         outcome = self.coordinator.broadcast(outcome)
+        self._pending = None
         if outcome is not None:
-            self.ledger.record_failed_save(step, kind, outcome)
-            for table, counts in pending.counts.items():  # those accesses are not saved after all
-                self.tracker.add_counts(table, counts, rows=None if kind == "full" else pending.decision.rows[table])
-            self.policy.save_failed(pending.decision)
+            self._undo_save(pending, outcome)
             if self.coordinator.is_coordinator:
                 print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
                       "goes on and the next save retries", file=sys.stderr)
             return
-        self.ledger.record_save(step, kind, sum(r.nbytes for r in records.values()),
+        self.ledger.record_save(step, kind, sum(r.nbytes for rank_records, _ in gathered for r in rank_records.values()),
                                 pending.stall_seconds + time.perf_counter() - started, persist_seconds)
+
+    def _undo_save(self, pending: _PendingSave, error: str) -> None:
+        """A save that will never commit: its accesses are unsaved again and the policy decides anew."""
+        self.ledger.record_failed_save(pending.decision.step, pending.decision.kind, error)
+        for table, counts in pending.counts.items():
+            self.tracker.add_counts(table, counts, rows=None if pending.decision.kind == "full" else pending.decision.rows[table])
+        self.policy.save_failed(pending.decision)
+
+    def unsaved_updates(self) -> int:
+        """Row-updates this process's rows made since their last committed save: what its death would lose."""
+        return self.tracker.pending_total() + (self._pending.unsaved if self._pending is not None else 0)
 
     # -- recovery ---------------------------------------------------------------------------------------
     def recover(self, failed_shards: Sequence[int]) -> RecoveryResult:
@@ -579,8 +611,7 @@ class CPRCheckpointer:
         if state is None:
             return
         self.ledger.load_state_dict(state)
-        own = [domain_part(d) for d in self.layout.local] + ([DENSE_PART] if self.coordinator.is_coordinator else [])
-        self.ledger.record_save(save.step, save.kind, sum(save.parts[p].nbytes for p in own if p in save.parts), 0.0)
+        self.ledger.record_save(save.step, save.kind, save.nbytes, 0.0)
 
     def _apply_full(self, loaded: Mapping[str, LoadedPart]) -> None:
         with torch.no_grad():
@@ -597,7 +628,8 @@ class CPRCheckpointer:
         rolled_back = self._rollback(saves)
         if rolled_back is None:
             raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
-        step, loaded_bytes = rolled_back
+        step, loaded_here = rolled_back
+        loaded_bytes = int(self.coordinator.sum(loaded_here))
         events = tuple(
             FailureEvent(failed_at, shard, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0,
                          loaded_bytes=loaded_bytes if i == 0 else 0)
@@ -636,15 +668,131 @@ class CPRCheckpointer:
                     outcome = self._restore_domain(shard, saves)
                 except (CorruptCheckpointError, FileNotFoundError, CheckpointMismatchError) as err:
                     problem = str(err)
-            problems = [p for p in self.coordinator.all_gather(problem) if p]
+            gathered = self.coordinator.all_gather((problem, outcome))
+            problems = [p for p, _ in gathered if p]
             if problems:
                 raise RecoveryError(f"shard {shard} cannot be restored: {problems[0]}")
-            lost, oldest, loaded = outcome
-            event = FailureEvent(self.global_step, shard, "partial", oldest, lost_updates=lost, lost_steps=0,
-                                 loaded_bytes=loaded)
+            event = FailureEvent(self.global_step, shard, "partial", min(o[1] for _, o in gathered),
+                                 lost_updates=sum(o[0] for _, o in gathered), lost_steps=0,
+                                 loaded_bytes=sum(o[2] for _, o in gathered))
             self.ledger.record_failure(event)
             events.append(event)
         return RecoveryResult("partial", self.global_step, tuple(events))
+
+    # -- real failures: a rank's process died and was replaced (see cpr.elastic) ------------------------
+    def reattach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Move this surviving rank's state into `model` and `optimizer`, the same model rebuilt with the same
+        plan around the re-formed process group: rows, row-wise and dense optimizer state are copied in
+        memory (nothing is read from a save), lookups are tracked on the new model, and CPR's collectives
+        use the new group. The save in flight finishes writing here; `rejoin` settles whether it committed."""
+        if self._pending is not None and self._pending.future is not None:
+            self._pending.future.exception()  # wait for this rank's parts (errors are in its result)
+        _init_optim_state(optimizer)
+        retained = dense.capture(self.model, self.optimizer, self.tables)
+        self.tables.move_to(model, optimizer)
+        dense.restore(retained, model, optimizer, self.tables)
+        self.model, self.optimizer = model, optimizer
+        self._hooked = hook_served_lookups(model, self._record_lookups)
+        self.coordinator.reform()
+
+    def rejoin(self, has_state: bool, replaced_progress: Mapping[int, tuple[int, int]]) -> RejoinResult:
+        """Bring every rank of a re-formed group to one state. Collective: survivors call it after `reattach`
+        with `has_state`, replacements (created with `joining=True`) without.
+
+        `replaced_progress[rank]` is what each replaced rank last published, (row-updates served, updates
+        since their rows' saves): the replacement continues the count, the loss goes into the record.
+        Under a partial-recovery policy a replacement restores its own domains' newest saved rows and takes
+        the step, reader position, dense model and optimizer, policy state and the job's record from the
+        lowest surviving rank; survivors change nothing. Under `full` every rank rolls back to the last full
+        save. With no survivor at all the job restarts from its newest full save (or its initial state).
+        """
+        states = self.coordinator.all_gather((has_state, self.global_step))
+        self._settle_interrupted_save()
+        self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
+        survivors = [rank for rank, (alive, _) in enumerate(states) if alive]
+        replaced = tuple(rank for rank, (alive, _) in enumerate(states) if not alive)
+        if not has_state and self.coordinator.rank in replaced_progress:
+            self.ledger.total_updates = replaced_progress[self.coordinator.rank][0]
+        saves = self.store.saves()
+        if not survivors:
+            rolled_back = self._rollback(saves, resume=True)
+            if rolled_back is None:
+                self._save(SavePlan("full", reason="initial state"))
+                self.flush()
+            return RejoinResult("restart", self.global_step, max(step for _, step in states),
+                                rolled_back[1] if rolled_back else 0, replaced)
+        source = survivors[0]
+        self.ledger.adopt_events(self.coordinator.broadcast(self.ledger, src=source))
+        failed_at = states[source][1]
+        if self.policy.recovery == "full":
+            rolled_back = self._rollback(saves)
+            if rolled_back is None:
+                raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
+            step, bytes_read = rolled_back
+            loaded = int(self.coordinator.sum(bytes_read))
+            for i, rank in enumerate(replaced):
+                self.ledger.record_failure(FailureEvent(failed_at, rank, "full", step, lost_updates=0,
+                                                        lost_steps=failed_at - step if i == 0 else 0,
+                                                        loaded_bytes=loaded if i == 0 else 0))
+            return RejoinResult("full", step, failed_at, bytes_read, replaced)
+        if self.policy.recovery == "none":
+            raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint: rank(s) {list(replaced)} cannot be restored")
+        live = self.coordinator.broadcast(self._live_state() if self.coordinator.rank == source else None, src=source)
+        outcome, problem = (0, failed_at), None
+        if not has_state:
+            try:
+                outcome = self._adopt_live_state(live, saves)
+            except (CorruptCheckpointError, FileNotFoundError, CheckpointMismatchError, KeyError) as err:
+                problem = str(err)
+        self.global_step = failed_at
+        gathered = self.coordinator.all_gather((problem, outcome))
+        problems = [p for p, _ in gathered if p]
+        if problems:
+            raise RecoveryError(f"rank(s) {list(replaced)} cannot be restored: {problems[0]}")
+        for rank in replaced:
+            self.ledger.record_failure(FailureEvent(
+                failed_at, rank, "partial", gathered[rank][1][1],
+                lost_updates=replaced_progress.get(rank, (0, 0))[1], lost_steps=0, loaded_bytes=gathered[rank][1][0]))
+        return RejoinResult("partial", failed_at, failed_at, outcome[0], replaced)
+
+    def _settle_interrupted_save(self) -> None:
+        """The save that was in flight when the group broke committed everywhere or nowhere: the folder says
+        which (every survivor has finished its commit attempt when this runs)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, kind = pending.decision.step, pending.decision.kind
+        committed = next((s for s in self.store.saves() if (s.step, s.kind) == (step, kind)), None)
+        if committed is not None:
+            self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
+        else:
+            self._undo_save(pending, "a rank died before the save committed")
+
+    def _live_state(self) -> dict[str, Any]:
+        """What a replacement takes from a survivor: everything but the rows, as training has it now."""
+        policy_state = self.policy.state_dict()
+        return {
+            "step": self.global_step,
+            "reader": self.reader.state_dict() if self.reader is not None else None,
+            "dense": dense.capture(self.model, self.optimizer, self.tables),
+            "policy": policy_state,
+        }
+
+    def _adopt_live_state(self, live: Mapping[str, Any], saves: Sequence[SaveInfo]) -> tuple[int, int]:
+        """A replacement's state: its domains' newest saved rows, the survivor's everything else; (bytes read,
+        oldest restored step)."""
+        self.global_step = int(live["step"])
+        if self.reader is not None and live["reader"] is not None:
+            self.reader.load_state_dict(live["reader"])
+        dense.restore(live["dense"], self.model, self.optimizer, self.tables)
+        bytes_read, oldest = 0, self.global_step
+        for domain in self.layout.local:
+            _, domain_oldest, domain_bytes = self._restore_domain(domain, saves)
+            bytes_read, oldest = bytes_read + domain_bytes, min(oldest, domain_oldest)
+        # The policy's schedule counts from the newest save holding every row, as the survivors' does.
+        every_row = [s.step for s in saves if s.kind == "full" or s.extra.get("every_row")]
+        self.policy.load_state_dict(live["policy"], max(every_row, default=0))
+        return bytes_read, oldest
 
     def close(self) -> None:
         """Commit the save in flight, stop the writer thread and release the checkpoint folder (its lock) so

@@ -34,10 +34,15 @@ class Coordinator:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.reform()
+
+    def reform(self) -> None:
+        """Take this process's place in the current default process group: at creation, and again after a
+        supervised job re-formed the group around a replaced rank (the old group's peers are gone)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.rank = dist.get_rank()
             self.world_size = dist.get_world_size()
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         else:
             self.rank, self.world_size, self._group = 0, 1, None
 
@@ -58,13 +63,13 @@ class Coordinator:
                                     f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
         return out
 
-    def broadcast(self, obj: T) -> T:
-        """Rank 0's `obj` on every rank."""
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        """Rank `src`'s `obj` on every rank."""
         if self._group is None:
             return obj
         box = [obj]
         try:
-            dist.broadcast_object_list(box, src=0, group=self._group)
+            dist.broadcast_object_list(box, src=src, group=self._group)
         except RuntimeError as err:
             raise CoordinationError(f"rank {self.rank}: broadcast among {self.world_size} ranks failed "
                                     f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err

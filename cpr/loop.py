@@ -10,6 +10,7 @@ are collective.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from cpr.checkpointer import CPRCheckpointer
 from cpr.comm import Coordinator
+from cpr.elastic import ElasticJob
 from cpr.faults import FailureSchedule
 from dlrm.data.loader import BatchLoader
 
@@ -122,10 +124,13 @@ def train(
     eval_every: int = 0,
     metrics: MetricsLog | None = None,
     progress: bool = False,
+    elastic: ElasticJob | None = None,
 ) -> LoopResult:
     """Train `model` from `ckpt.global_step` to `total_steps`, injecting the schedule's failures.
 
-    `train_loader` must be the reader `ckpt` rewinds on full recovery. With `lr_decay="linear"` the
+    `train_loader` must be the reader `ckpt` rewinds on full recovery. With `elastic` (a supervised job,
+    whose `model`, `optimizer` and `ckpt` these are) a rank's real death drops the step in flight and heals
+    the job: training goes on with the rebuilt model from the step the recovery chose. With `lr_decay="linear"` the
     optimizer's learning rates fall linearly to 0 over the run, as a function of the model's step, so full
     recovery retrains lost steps with the same rates.
     """
@@ -142,20 +147,32 @@ def train(
                unit="step", dynamic_ncols=True)
     loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
     step_seconds = recovery_seconds = 0.0
+    guarded_step = elastic.training_step if elastic is not None else contextlib.nullcontext
     started = time.perf_counter()
     while ckpt.global_step < total_steps:
         batch = next(batches)
         step_start = time.perf_counter()
-        if lr_decay == "linear":
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
-        ckpt.observe(batch)
-        optimizer.zero_grad()
-        loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        step_seconds += time.perf_counter() - step_start
-        ckpt.step()
+        heals, recorded = (elastic.heals, len(ckpt.ledger.recoveries)) if elastic is not None else (0, 0)
+        with guarded_step():
+            if lr_decay == "linear":
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
+            ckpt.observe(batch)
+            optimizer.zero_grad()
+            loss, _ = model(batch)
+            loss.backward()
+            optimizer.step()
+            step_seconds += time.perf_counter() - step_start
+            ckpt.step()
+        if elastic is not None and elastic.heals != heals:
+            recovery_seconds += time.perf_counter() - step_start
+            model, optimizer = elastic.model, elastic.optimizer
+            for event in ckpt.ledger.recoveries[recorded:]:
+                metrics.write({"step": event.step, "event": "rank died", "rank": event.rank, "recovery": event.kind,
+                               "resumed_at": event.resumed_at})
+            batches = _endless(train_loader)  # the reader is where the recovery put it
+            bar.n = ckpt.global_step
+            continue
         samples += batch.labels.numel()
         executed += 1
         loss_sum += float(loss.detach())

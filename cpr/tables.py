@@ -134,6 +134,24 @@ class EmbeddingTables:
             }
         return out
 
+    def move_to(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy every local row and its row-wise optimizer state into the same tables of `model` (the model
+        rebuilt with the same sharding plan, e.g. around a re-formed process group), then view those.
+
+        An in-memory copy: a rank that survived a peer's failure keeps its rows without reading a save.
+        """
+        moved = EmbeddingTables(model, optimizer)
+        if moved.tables != self.tables:
+            raise ValueError("the rebuilt model holds other tables or rows than this one: it was not sharded "
+                             "with the same plan")
+        with torch.no_grad():
+            for name in self.tables:
+                moved.weight(name).copy_(self.weight(name))
+                targets = moved.row_states(name)
+                for state, value in self.row_states(name).items():
+                    targets[state].copy_(value)
+        self.__dict__.update(moved.__dict__)  # everyone holding this object now sees the rebuilt model's tables
+
     @property
     def feature_to_table(self) -> dict[str, str]:
         return {feature: info.name for info in self.tables.values() for feature in info.features}

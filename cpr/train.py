@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from cpr.checkpointer import QUANTIZE_CHOICES, CPRCheckpointer, EarlierRunError, RecoveryError
-from cpr.comm import CoordinationError, Coordinator
+from cpr.comm import CoordinationError
+from cpr.elastic import ElasticJob
 from cpr.faults import FailureSchedule
 from cpr.loop import LR_DECAYS, MetricsLog, train
+from cpr.membership import STORE_ENV, Membership, MembershipError
 from cpr.planning import ClusterProfile
 from cpr.policies import POLICY_NAMES
+from cpr.run import supervise, supervisor_options
 from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
 from cpr.shards import MAX_VIRTUAL_SHARDS
 from cpr.tables import UnsupportedShardingError
@@ -34,6 +38,7 @@ from dlrm.data.errors import CriteoDataError
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import table_rows
 from dlrm.model import (
+    COLLECTIVE_TIMEOUT,
     EMBEDDING_OPTIMIZERS,
     MODEL_CONFIGS,
     SHARDING_TYPES,
@@ -109,7 +114,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                           "save (a real full save when a restore would read more than about 2x a full save)")
     cpr.add_argument("--resume", action="store_true",
                      help="after a crash: continue from the newest loadable full save in the checkpoint folder")
+    supervisor_options(p)
+    kills = p.add_argument_group("real failures (with --nproc)")
+    kills.add_argument("--kill-at", action="append", default=[], metavar="STEP:RANK",
+                       help="SIGKILL rank RANK's process as it starts step STEP (repeatable); the supervisor starts "
+                            "a replacement and the policy recovers it")
+    kills.add_argument("--real-failures", action="store_true",
+                       help="kill ranks at the steps of the cluster profile's failure schedule (--failures N: that many) "
+                            "instead of emulating those failures")
     return p.parse_args(argv)
+
+
+def parse_kills(specs: Sequence[str]) -> list[tuple[int, int]]:
+    """`--kill-at STEP:RANK` values as (step, rank)."""
+    kills = []
+    for spec in specs:
+        step, sep, rank = spec.partition(":")
+        if not sep or not step.strip().isdigit() or not rank.strip().isdigit():
+            raise UsageError(f"--kill-at {spec!r}: expected STEP:RANK, two whole numbers (e.g. 150:1)")
+        kills.append((int(step), int(rank)))
+    return kills
 
 
 def _profile(args: argparse.Namespace) -> ClusterProfile:
@@ -160,10 +184,24 @@ def validate(args: argparse.Namespace) -> None:
         (not args.differential or args.policy not in ("none", "full"),
          f"--differential needs a partial-recovery policy (partial, mfu, ssu, scar), not {args.policy!r}: "
          "a full rollback restores from full saves only"),
+        (args.nproc is None or args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
+        (args.nnodes >= 1 and 0 <= args.node_rank < args.nnodes,
+         f"--node-rank must be in 0..{args.nnodes - 1} and --nnodes >= 1, got {args.node_rank} and {args.nnodes}"),
+        (args.max_restarts >= 0, f"--max-restarts must be >= 0, got {args.max_restarts}"),
+        (supervised(args) or not (args.kill_at or args.real_failures),
+         "--kill-at and --real-failures kill worker processes: run the job under a supervisor (--nproc N)"),
+        (not (args.kill_at or args.real_failures) or args.policy != "none",
+         "--kill-at/--real-failures need a checkpointing policy (--policy full|partial|...): policy 'none' cannot recover"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    world_size = int(os.environ["WORLD_SIZE"]) if STORE_ENV in os.environ else (args.nproc or 1) * args.nnodes
+    steps = args.steps
+    for step, rank in parse_kills(args.kill_at):
+        if rank >= world_size or step < 1 or (steps is not None and step > steps):
+            raise UsageError(f"--kill-at {step}:{rank}: the rank must be below the world size {world_size} and the step "
+                             f"in 1..{steps if steps is not None else 'the run length'}")
     try:
         _profile(args)  # the profile validates MTBF, shards and costs
     except ValueError as err:
@@ -176,6 +214,11 @@ def validate(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"--out {out}: not writable ({err.strerror or err})") from None
+
+
+def supervised(args: argparse.Namespace) -> bool:
+    """Whether this run is (or will start) a supervised job, whose dead ranks are replaced."""
+    return args.nproc is not None or STORE_ENV in os.environ
 
 
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,8 +236,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     torch.manual_seed(args.seed)
     device = default_device()
-    ensure_process_group(device)
-    coordinator = Coordinator()
+    membership = Membership.from_env("nccl" if device.type == "cuda" else "gloo", COLLECTIVE_TIMEOUT)
+    if membership is None:
+        ensure_process_group(device)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = membership.rank, membership.world_size
     rows = table_rows(args.rows)
     dataset = open_dataset(
         args.data,
@@ -207,54 +254,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     try:
-        train_loader = BatchLoader(dataset.train, args.batch_size, rank=coordinator.rank, world_size=coordinator.world_size)
-        eval_loader = BatchLoader(dataset.eval, args.batch_size, rank=coordinator.rank, world_size=coordinator.world_size)
+        train_loader = BatchLoader(dataset.train, args.batch_size, rank=rank, world_size=world_size)
+        eval_loader = BatchLoader(dataset.eval, args.batch_size, rank=rank, world_size=world_size)
     except ValueError as err:
         raise UsageError(f"--batch-size {args.batch_size}: {err}") from None
     total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
+    profile = _profile(args)
 
-    model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
-                     args.embedding_lr, sharding=args.sharding)
-    optimizer = build_optimizer(model, args.lr)
-    try:
-        ckpt = CPRCheckpointer(
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
+                         args.embedding_lr, sharding=args.sharding)
+        return model, build_optimizer(model, args.lr)
+
+    def checkpointer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joining: bool) -> CPRCheckpointer:
+        return CPRCheckpointer(
             model,
             optimizer,
             args.checkpoint_dir or out / "checkpoints",
             policy=args.policy,
-            num_shards=args.num_shards if coordinator.world_size == 1 else None,
+            num_shards=args.num_shards if world_size == 1 else None,
             target_pls=args.target_pls,
-            profile=_profile(args),
+            profile=profile,
             total_steps=total_steps,
             reader=train_loader,
             interval_steps=args.interval_steps,
             keep_last=args.keep_last,
             policy_options=policy_options(args),
             resume=args.resume,
-            coordinator=coordinator,
             async_save=not args.sync_save,
             overwrite=args.overwrite,
             quantize=args.quantize,
             differential=args.differential,
+            joining=joining,
         )
+
+    schedule = FailureSchedule.empty()
+    # With --kill-at the kills are the experiment: emulated failures join in only when --failures asks for them.
+    draw = args.failures != 0 and (args.failures is not None or args.real_failures or not args.kill_at)
+    if args.policy != "none" and draw:
+        # The schedule's shards are the job's domains: the ranks, or the one-process run's emulated shards.
+        domains = world_size if world_size > 1 else (args.num_shards or profile.num_shards)
+        schedule = FailureSchedule.from_profile(dataclasses.replace(profile, num_shards=domains), total_steps,
+                                                seed=args.seed, count=args.failures)
+    kills = parse_kills(args.kill_at)
+    if args.real_failures:
+        kills += [(failure.step, failure.shard) for failure in schedule]
+        schedule = FailureSchedule.empty()
+    try:
+        job = ElasticJob(build, checkpointer, membership, kills)
     except UnsupportedShardingError as err:
         raise UsageError(str(err)) from None
-    if args.policy == "none" or args.failures == 0:
-        schedule = FailureSchedule.empty()
-    else:
-        schedule = FailureSchedule.from_profile(ckpt.profile, total_steps, seed=args.seed, count=args.failures)
+    model, optimizer, ckpt = job.model, job.optimizer, job.ckpt
+    coordinator = ckpt.coordinator
 
     if coordinator.is_coordinator:
         config = {**vars(args), "total_steps": total_steps, "table_rows": rows, "data_source": dataset.source,
                   "train_rows": len(dataset.train), "eval_rows": len(dataset.eval), "world_size": coordinator.world_size,
-                  "failure_domains": ckpt.layout.describe(), "failure_schedule": schedule.to_json()}
+                  "failure_domains": ckpt.layout.describe(), "failure_schedule": schedule.to_json(),
+                  "kills": [{"step": step, "rank": rank} for step, rank in kills]}
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
         print(f"failure domains: {ckpt.layout.describe()}", file=sys.stderr)
-    metrics = MetricsLog(out / "metrics.jsonl", append=args.resume, coordinator=coordinator)
+    metrics = MetricsLog(out / "metrics.jsonl", append=args.resume or job.replacement, coordinator=coordinator)
     try:
         result = train(model, optimizer, ckpt, train_loader, total_steps, schedule=schedule, eval_loader=eval_loader,
                        lr_decay=args.lr_decay, log_every=args.log_every, eval_every=args.eval_every, metrics=metrics,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, elastic=job)
     finally:
         metrics.close()
     summary = {
@@ -263,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_skipped": dataset.stats.rows_skipped,
         **ckpt.report(),
     }
-    if coordinator.is_coordinator:
+    if ckpt.coordinator.is_coordinator:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -330,11 +394,20 @@ def quiet_dependencies() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_dependencies()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.nproc is not None and STORE_ENV not in os.environ:
+        # This process supervises: bad settings are reported once, here, before any worker starts.
+        try:
+            validate(args)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return supervise(args, [sys.executable, "-m", "cpr.train", *argv])
     try:
         summary = run(args)
     except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
-            CheckpointMismatchError, CoordinationError, DirectoryLockedError, EarlierRunError) as err:
+            CheckpointMismatchError, CoordinationError, DirectoryLockedError, EarlierRunError, MembershipError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:

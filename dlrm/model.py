@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed import DistributedModelParallel, collective_utils
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -154,6 +154,10 @@ def wrap_dmp(
             constraints=constraints,
         )
         plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    # DMP's first construction in a process broadcasts TorchRec's collective-validation flag; later ones skip
+    # it. A process that rebuilds DMP around a re-formed group (a survivor of a rank's death) must take part
+    # again, or it would be one collective out of step with the replacement building DMP for the first time.
+    collective_utils._INITIALIZED = False
     return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
 
 

@@ -1,0 +1,173 @@
+"""Real failures: a rank's process dies, a replacement joins, and the survivors keep their memory.
+
+`ElasticJob` owns one worker's side of the recovery state machine of a job run under `cpr.supervisor`
+(`python -m cpr.run`, `python -m cpr.train --nproc N`):
+
+    training --(a peer dies: a collective fails)--> leave the broken group --(the supervisor opens the
+    next generation)--> join it --> rebuild the model with the same plan around the new group -->
+    survivors: `CPRCheckpointer.reattach` (state copied in memory); replacement: a joining checkpointer
+    --> `CPRCheckpointer.rejoin` (collective: partial or full recovery) --> training
+
+The step in flight when the peer died is dropped (its updates are not trained again) and counted. A death
+during any of it (the replacement dying while it joins, a second kill) starts the cycle again in the next
+generation; every wait is bounded. Without a supervisor the job is a plain run: same code, no healing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cpr.accounting import RecoveryRecord
+from cpr.checkpointer import CPRCheckpointer, RejoinResult
+from cpr.comm import CoordinationError
+from cpr.membership import Membership, MembershipError
+
+# How long a rank whose collective failed waits for a supervisor to report a death before it takes the
+# error for what it is (a supervisor sees a death within a fraction of a second).
+DEATH_NOTICE_S = float(os.environ.get("CPR_DEATH_NOTICE_S", "30"))
+
+ModelBuilder = Callable[[], "tuple[nn.Module, torch.optim.Optimizer]"]
+CheckpointerFactory = Callable[[nn.Module, torch.optim.Optimizer, bool], CPRCheckpointer]
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is how a collective reports a peer that died: CPR's own collectives raise
+    CoordinationError, torch's raise its distributed errors, and gloo's transport plain RuntimeErrors
+    naming the connection it lost."""
+    if isinstance(error, (CoordinationError, dist.DistError)):
+        return True
+    message = str(error)
+    return type(error) is RuntimeError and any(s in message for s in ("gloo", "Connection", "NCCL", "connection"))
+
+
+class ElasticJob:
+    """One worker of a supervised job whose ranks may die and be replaced one at a time.
+
+    Args:
+        build: builds the model and its optimizer on the current process group (a DMP model sharded by a
+            deterministic plan: every rank and every rebuild gets the same one). Called at the start and
+            again after each re-formed group.
+        checkpointer: makes this rank's `CPRCheckpointer` for a model and optimizer; its third argument is
+            `joining` (pass it on: True in a replacement).
+        membership: this worker's place in the job (default: the one its supervisor gave it; None when no
+            supervisor started the process: then nothing is healed).
+        kills: injected failures, (step, rank): that rank's process SIGKILLs itself as it starts that step,
+            once per job.
+    """
+
+    def __init__(self, build: ModelBuilder, checkpointer: CheckpointerFactory, membership: Membership | None = None,
+                 kills: Iterable[tuple[int, int]] = ()) -> None:
+        self._build, self._make_checkpointer = build, checkpointer
+        self.membership = membership if membership is not None else Membership.from_env()
+        self.kills = frozenset(kills)
+        self.heals = 0  # how many times this process re-formed its group after a death
+        self.replacement = False  # whether this process replaced a dead one (it joined a running job)
+        self.ckpt: CPRCheckpointer | None = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.membership is None:
+            self.model, self.optimizer = build()
+            self.ckpt = checkpointer(self.model, self.optimizer, False)
+            return
+        try:
+            self._form(has_state=False, dropped_steps=0)
+        except RuntimeError as err:  # a rank died before the job's first save committed
+            self._heal(err, has_state=False, dropped_steps=0)
+
+    @property
+    def step(self) -> int:
+        return self.ckpt.global_step
+
+    @contextmanager
+    def training_step(self) -> Iterator[None]:
+        """Wrap one training step (forward, backward, optimizer step and `ckpt.step()`). If a peer dies
+        meanwhile, the step is dropped and the job healed before this returns (`heals` goes up: re-read
+        `model` and `optimizer`, and re-create batch iterators, since full recovery rewinds the reader)."""
+        if self.membership is None:
+            yield
+            return
+        self._inject_kill(self.ckpt.global_step + 1)
+        started_at = self.ckpt.global_step
+        try:
+            yield
+        except RuntimeError as err:
+            if not is_peer_failure(err):
+                raise
+            # A failure inside `ckpt.step()` comes after the step's own updates: then nothing is dropped.
+            self._heal(err, has_state=True, dropped_steps=1 if self.ckpt.global_step == started_at else 0)
+            return
+        self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
+
+    # -- the state machine -------------------------------------------------------------------------------
+    def _inject_kill(self, step: int) -> None:
+        if (step, self.membership.rank) in self.kills and self.membership.claim_kill(step):
+            print(f"[rank {self.membership.rank}] injected failure: killing this process (SIGKILL) at step {step}",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _heal(self, error: BaseException, has_state: bool, dropped_steps: int) -> None:
+        """Leave the broken group, wait for the supervisor's next generation and form it; again on every
+        further death meanwhile. Re-raises `error` when no death is reported (it was not a peer's)."""
+        while True:
+            generation = self.membership.generation
+            self.membership.leave()
+            if not self.membership.await_next_generation(generation, DEATH_NOTICE_S):
+                raise error
+            try:
+                self._form(has_state, dropped_steps)
+                self.heals += 1
+                return
+            except RuntimeError as err:
+                if isinstance(err, MembershipError) or not is_peer_failure(err):
+                    raise
+                error = err
+                has_state = has_state and self.ckpt is not None
+
+    def _form(self, has_state: bool, dropped_steps: int) -> None:
+        """Join the newest generation, build the model on its group and bring this rank's state into it."""
+        generation = self.membership.join()
+        rng = torch.get_rng_state()  # building initialises weights at random: a survivor's stream goes on as it was
+        model, optimizer = self._build()
+        if has_state:
+            torch.set_rng_state(rng)
+            self.ckpt.reattach(model, optimizer)
+        else:
+            self.replacement = generation > 0
+            self.ckpt = self._make_checkpointer(model, optimizer, self.replacement)
+        self.model, self.optimizer = model, optimizer
+        if generation > 0:
+            progress = {rank: self.membership.progress(rank) for rank in range(self.membership.world_size)}
+            result = self.ckpt.rejoin(has_state, progress)
+            self._record(result, dropped_steps)
+        self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
+
+    def _record(self, result: RejoinResult, dropped_steps: int) -> None:
+        """Every rank records the same `RecoveryRecord` per death this rejoin answered."""
+        ckpt = self.ckpt
+        done = ckpt.coordinator.all_gather((time.time(), result.bytes_read, ckpt.tables.nbytes(), dropped_steps))
+        survivors = [rank for rank in range(len(done)) if rank not in result.replaced]
+        last = max((r.generation for r in ckpt.ledger.recoveries), default=0)
+        for death in self.membership.deaths_since(last):
+            record = RecoveryRecord(
+                rank=death.rank, step=result.failed_at + max(d[3] for d in done), kind=result.kind,
+                generation=death.generation,
+                seconds_to_resume=max((done[r][0] for r in survivors), default=done[death.rank][0]) - death.time,
+                seconds_to_rejoin=done[death.rank][0] - death.time,
+                bytes_read=done[death.rank][1], own_bytes=done[death.rank][2],
+                survivor_bytes_read=sum(done[r][1] for r in survivors),
+                dropped_steps=max(d[3] for d in done), resumed_at=result.step,
+            )
+            ckpt.ledger.record_recovery(record)
+            if ckpt.coordinator.is_coordinator:
+                print(f"rank {record.rank} died at step {record.step}: {record.kind} recovery, training resumed at "
+                      f"step {record.resumed_at} after {record.seconds_to_resume:.1f} s (replacement read "
+                      f"{record.bytes_read:,} bytes, survivors {record.survivor_bytes_read:,})", file=sys.stderr, flush=True)
