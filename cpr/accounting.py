@@ -46,7 +46,9 @@ class RecoveryRecord:
     again (`seconds_to_resume`) and to the replacement training (`seconds_to_rejoin`). `bytes_read` is what
     the replacement read from the checkpoint, `own_bytes` the size of that rank's rows and row-wise optimizer
     state, `survivor_bytes_read` what the survivors read (0 when they kept their memory). `dropped_steps`:
-    the step in flight at the death, whose updates are dropped, not trained again.
+    the step in flight at the death, whose updates are dropped, not trained again. `phases` (seconds): from
+    the death until the survivors' collectives failed, until the replacement process was ready to join, its
+    rendezvous with the survivors, rebuilding the model on the new group, and the restore (`rejoin`).
     """
 
     rank: int
@@ -60,6 +62,7 @@ class RecoveryRecord:
     survivor_bytes_read: int
     dropped_steps: int
     resumed_at: int
+    phases: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,19 @@ class CPRCheckpointer:
         self._hooked = hook_served_lookups(model, self._record_lookups)
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
+        self._pending: _PendingSave | None = None
+        # One writer thread: at most one save in flight, and its parts are written in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
+        try:
+            self._open(model, optimizer, resume, overwrite, joining)
+        except BaseException:
+            # A constructor that fails (a rank died during the initial save, an earlier run's saves) must not
+            # keep the folder's lock: the next checkpointer of this process, or another run, needs it.
+            self.close(flush=False)
+            raise
+
+    def _open(self, model: nn.Module, optimizer: torch.optim.Optimizer, resume: bool, overwrite: bool, joining: bool) -> None:
+        """The rest of `__init__` once the folder is locked: the record, and the state training starts from."""
         # (a joining process learns it in `rejoin`, with the survivors)
         self._staging_tag = None if joining else self.coordinator.broadcast(self.store.writer_tag())
         own_bytes = self.tables.nbytes()
@@ -266,9 +279,6 @@ class CPRCheckpointer:
             full_bytes=own_bytes,
         )
         self.global_step = 0
-        self._pending: _PendingSave | None = None
-        # One writer thread: at most one save in flight, and its parts are written in order.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
         if joining:
             return
         saves = self.store.saves()
@@ -794,10 +804,11 @@ class CPRCheckpointer:
         self.policy.load_state_dict(live["policy"], max(every_row, default=0))
         return bytes_read, oldest
 
-    def close(self) -> None:
-        """Commit the save in flight, stop the writer thread and release the checkpoint folder (its lock) so
-        another run may use it (the lock also goes at process exit)."""
-        self.flush()
+    def close(self, flush: bool = True) -> None:
+        """Commit the save in flight (unless `flush` is False: then it is dropped), stop the writer thread and
+        release the checkpoint folder (its lock) so another run may use it (the lock also goes at process exit)."""
+        if flush:
+            self.flush()
         if self._executor is not None:
             self._executor.shutdown()
         self.store.close()

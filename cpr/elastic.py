@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed import collective_utils as torchrec_collectives
 
 from cpr.accounting import RecoveryRecord
 from cpr.checkpointer import CPRCheckpointer, RejoinResult
@@ -117,6 +118,7 @@ class ElasticJob:
     def _heal(self, error: BaseException, has_state: bool, dropped_steps: int) -> None:
         """Leave the broken group, wait for the supervisor's next generation and form it; again on every
         further death meanwhile. Re-raises `error` when no death is reported (it was not a peer's)."""
+        self._noticed = time.time()
         while True:
             generation = self.membership.generation
             self.membership.leave()
@@ -134,9 +136,16 @@ class ElasticJob:
 
     def _form(self, has_state: bool, dropped_steps: int) -> None:
         """Join the newest generation, build the model on its group and bring this rank's state into it."""
+        started = time.time()
         generation = self.membership.join()
+        joined = time.time()
         rng = torch.get_rng_state()  # building initialises weights at random: a survivor's stream goes on as it was
+        # DMP's first construction in a process broadcasts TorchRec's collective-validation flag, later ones
+        # skip it: a survivor building DMP again must take part again, or it is one collective out of step with
+        # the replacement, which builds DMP for the first time.
+        torchrec_collectives._INITIALIZED = False
         model, optimizer = self._build()
+        built = time.time()
         if has_state:
             torch.set_rng_state(rng)
             self.ckpt.reattach(model, optimizer)
@@ -147,16 +156,27 @@ class ElasticJob:
         if generation > 0:
             progress = {rank: self.membership.progress(rank) for rank in range(self.membership.world_size)}
             result = self.ckpt.rejoin(has_state, progress)
-            self._record(result, dropped_steps)
+            self._record(result, dropped_steps, {"noticed": self._noticed if has_state else None, "started": started,
+                                                 "joined": joined, "built": built, "restored": time.time()})
         self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
 
-    def _record(self, result: RejoinResult, dropped_steps: int) -> None:
-        """Every rank records the same `RecoveryRecord` per death this rejoin answered."""
+    def _record(self, result: RejoinResult, dropped_steps: int, times: dict[str, float | None]) -> None:
+        """Every rank records the same `RecoveryRecord` per death this rejoin answered, with where the time
+        went (see `RecoveryRecord.phases`)."""
         ckpt = self.ckpt
-        done = ckpt.coordinator.all_gather((time.time(), result.bytes_read, ckpt.tables.nbytes(), dropped_steps))
+        done = ckpt.coordinator.all_gather((times["restored"], result.bytes_read, ckpt.tables.nbytes(), dropped_steps, times))
         survivors = [rank for rank in range(len(done)) if rank not in result.replaced]
         last = max((r.generation for r in ckpt.ledger.recoveries), default=0)
         for death in self.membership.deaths_since(last):
+            own = done[death.rank][4]
+            noticed = [done[r][4]["noticed"] for r in survivors if done[r][4]["noticed"] is not None]
+            phases = {
+                "survivors_notice": max(noticed) - death.time if noticed else None,
+                "replacement_start": own["started"] - death.time,  # process start, imports, data
+                "rendezvous": own["joined"] - own["started"],
+                "build": max(d[4]["built"] - d[4]["joined"] for d in done),
+                "restore": max(d[4]["restored"] - d[4]["built"] for d in done),
+            }
             record = RecoveryRecord(
                 rank=death.rank, step=result.failed_at + max(d[3] for d in done), kind=result.kind,
                 generation=death.generation,
@@ -164,7 +184,7 @@ class ElasticJob:
                 seconds_to_rejoin=done[death.rank][0] - death.time,
                 bytes_read=done[death.rank][1], own_bytes=done[death.rank][2],
                 survivor_bytes_read=sum(done[r][1] for r in survivors),
-                dropped_steps=max(d[3] for d in done), resumed_at=result.step,
+                dropped_steps=max(d[3] for d in done), resumed_at=result.step, phases=phases,
             )
             ckpt.ledger.record_recovery(record)
             if ckpt.coordinator.is_coordinator:

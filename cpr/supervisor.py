@@ -104,9 +104,10 @@ class Supervisor:
             if dead:
                 time.sleep(_SIMULTANEOUS_S)  # a node losing power takes several workers at once
                 dead.update(self._reap(finished))
+                codes = {rank: code for rank, (code, _) in dead.items()}
                 if finished:
                     return self._fail(f"rank(s) {sorted(dead)} died after other ranks had finished the job")
-                stopped = [rank for rank, code in dead.items() if code == USAGE_EXIT]
+                stopped = [rank for rank, code in codes.items() if code == USAGE_EXIT]
                 if stopped:
                     return self._fail(f"rank(s) {stopped} stopped with an error (see its message above)", USAGE_EXIT)
                 over = [rank for rank in dead if self.restarts[rank] >= self.max_restarts]
@@ -122,8 +123,8 @@ class Supervisor:
                 time.sleep(_POLL_S)
         return 0
 
-    def _reap(self, finished: set[int]) -> dict[int, int]:
-        """Ranks whose worker ended since the last look with a non-zero code, with that code."""
+    def _reap(self, finished: set[int]) -> dict[int, tuple[int, float]]:
+        """Ranks whose worker ended since the last look with a non-zero code: (that code, when it was seen)."""
         dead = {}
         for rank, worker in list(self._workers.items()):
             code = worker.poll()
@@ -133,16 +134,18 @@ class Supervisor:
             if code == 0:
                 finished.add(rank)
             else:
-                dead[rank] = code
+                dead[rank] = (code, time.time())
         return dead
 
-    def _replace(self, dead: dict[int, int]) -> None:
+    def _replace(self, dead: dict[int, tuple[int, float]]) -> None:
         """Record the deaths, open the next generation and start one replacement per dead rank."""
-        generation = int(self.store.add("generation", 1))
-        for rank, code in sorted(dead.items()):
+        upcoming = int(self.store.add("generation", 0)) + 1
+        for rank, (code, seen) in sorted(dead.items()):  # recorded first: whoever sees the generation finds them
             n = int(self.store.add("deaths", 1))
-            self.store.set(f"death/{n}", json.dumps({"rank": rank, "time": time.time(), "returncode": code,
-                                                     "generation": generation}))
+            self.store.set(f"death/{n}", json.dumps({"rank": rank, "time": seen, "returncode": code,
+                                                     "generation": upcoming}))
+        generation = int(self.store.add("generation", 1))
+        for rank, (code, _) in sorted(dead.items()):
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             print(f"supervisor: rank {rank} died ({how}); starting a replacement (generation {generation})",
                   file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from experiments import (
-    _common, access_skew, bytes_vs_pls, failure_injection, overhead, pls_target, pls_vs_accuracy, write_results,
+    _common, access_skew, bytes_vs_pls, failure_injection, overhead, pls_target, pls_vs_accuracy, real_failures,
+    write_results,
 )
 
 
@@ -91,3 +92,12 @@ def test_write_results_shows_every_figure(results_root, tmp_path):
         if (results_root / name / "results.json").exists():
             assert f"(figures/{name}.png)" in page and (tmp_path / "figures" / f"{name}.png").exists()
     assert "## Closing note" in page
+
+
+def test_real_failures_kills_ranks_of_a_supervised_job(results_root):
+    results = real_failures.main(["--tiny", "--policies", "partial", "--out", str(results_root / "real_failures")])
+    none, partial = results["runs"]
+    assert (none["policy"], none["recoveries"]) == ("none", [])
+    assert [r["kind"] for r in partial["recoveries"]] == ["partial", "partial"]
+    assert all(r["survivor_bytes_read"] == 0 and r["bytes_read"] > 0 for r in partial["recoveries"])
+    assert (results_root / "real_failures" / "real_failures.png").exists()
