@@ -39,6 +39,9 @@ DATASET_FLAGS = {
     "synthetic": ("--synthetic-rows", "60000", "--batch-size", "512"),
     "criteo_sample": ("--data", str(CRITEO_SAMPLE), "--batch-size", "64"),
 }
+# Torch threads per run. The runs are small (a few ms per step); on a shared 2-core machine a second
+# intra-op thread mostly spins against other processes: one run took 81 s with 2 threads, 6 s with 1.
+RUN_THREADS = 1
 # Tiny settings for smoke tests (--tiny): a few steps on a small synthetic set.
 TINY_DATASET_FLAGS = {"synthetic": ("--synthetic-rows", "3000", "--batch-size", "256", "--rows", "300")}
 
@@ -92,6 +95,9 @@ class Runner:
         if summary_path.exists() and flags_path.exists() and json.loads(flags_path.read_text()) == list(job.flags):
             summary, how = json.loads(summary_path.read_text()), "cached"
         else:
+            import torch
+
+            torch.set_num_threads(RUN_THREADS)
             quiet_dependencies()
             # Saves are fsynced; on tmpfs that costs nothing, and the checkpoints are not kept.
             with tempfile.TemporaryDirectory(prefix="cpr-experiment-", dir=SCRATCH if SCRATCH.is_dir() else None) as ckpt:

@@ -5,9 +5,11 @@ import pytest
 
 from cpr.planning import (
     ClusterProfile,
+    expected_lost_steps,
     expected_pls,
     full_recovery_overhead,
     partial_interval,
+    partial_interval_steps,
     plan,
     young_daly_interval,
 )
@@ -51,6 +53,36 @@ def test_partial_interval_meets_the_target_pls_exactly_at_the_boundary():
     assert result.interval_hours == pytest.approx(t) and result.expected_pls == pytest.approx(0.02)
     assert result.overhead.lost_compute == 0.0
     assert result.overhead.load == pytest.approx(0.2 / 8 / 50)
+
+
+@pytest.mark.parametrize("total_steps", [2, 7, 106, 141, 600])
+def test_expected_lost_steps_is_the_mean_over_the_steps_a_failure_can_fall_on(total_steps):
+    """Failure hours are uniform over the job: steps 0 .. S-1 each with probability 1/S, step 0 moved to
+    step 1 (cpr.faults.schedule); saves at 0, k, 2k, ... come before a failure at the same step end."""
+    for k in range(1, total_steps + 1):
+        enumerated = sum(max(s, 1) % k for s in range(total_steps)) / total_steps
+        assert expected_lost_steps(k, total_steps) == pytest.approx(enumerated), k
+
+
+@pytest.mark.parametrize("total_steps, target", [(106, 0.02), (141, 0.02), (106, 0.01), (141, 0.1), (400, 0.05)])
+def test_partial_interval_steps_is_the_longest_that_meets_the_target(total_steps, target):
+    p = ClusterProfile.preset("production")
+    failures = p.expected_failures
+
+    def pls(k: int) -> float:
+        return failures * expected_lost_steps(k, total_steps) / (p.num_shards * total_steps)
+
+    k = partial_interval_steps(p, target, total_steps)
+    assert pls(k) <= target
+    assert all(pls(longer) > target for longer in range(k + 1, total_steps + 1))
+
+
+def test_partial_interval_steps_is_longer_than_the_rounded_hours_where_whole_steps_allow():
+    # 106 steps of the production profile: T_partial = 12.8 h = 11.3 steps rounds to 11 (0.86x the target
+    # in whole steps); 12 steps still meet it.
+    p = ClusterProfile.preset("production")
+    assert round(partial_interval(p, 0.02) / (p.job_hours / 106)) == 11
+    assert partial_interval_steps(p, 0.02, 106) == 12
 
 
 def test_partial_interval_is_clamped_to_the_job_length():

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from .plan import expected_lost_steps, longest_interval_steps
 from .profile import ClusterProfile
 
 PriorityKind = Literal["mfu", "ssu", "scar"]
@@ -352,7 +353,7 @@ class _Point:
 
 
 def _full_only(model: _Model, full_steps: int, target: float | None) -> PrioritizedPlan:
-    age = (full_steps - 1) / 2  # plain partial recovery, in whole steps as in `_Point.mean_age`
+    age = expected_lost_steps(full_steps, model.total_steps)  # plain partial recovery, in whole steps
     return PrioritizedPlan(model.kind, full_steps, 0, None, None, None, 0.0, None, age, model.pls(age),
                            model.bytes_per_hour(full_steps, 0, 0.0), target,
                            target is None or model.pls(age) <= target * (1 + 1e-9), age_at=float)
@@ -395,7 +396,7 @@ def plan_prioritized(
             candidates.append(_full_only(model, full_interval_steps, target_pls))
     else:
         if subset_intervals is None:
-            candidates.append(_full_only(model, max(1, min(total_steps, math.floor(2 * max_age + 1))), target_pls))
+            candidates.append(_full_only(model, longest_interval_steps(max_age, total_steps), target_pls))
         for point in points:
             full_steps = point.longest_full(max_age)
             candidates.append(point.plan(full_steps if full_steps is not None else point.subset_steps + 1, target_pls))

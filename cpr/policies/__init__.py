@@ -7,12 +7,13 @@ from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContex
 from cpr.policies.basic import FullRecoveryPolicy, NoCheckpointPolicy, PartialRecoveryPolicy
 from cpr.policies.prioritized import MFUPolicy, SCARPolicy, SSUPolicy
 
-# Policy name -> factory from the run's context. Each factory reads its intervals from the plan unless
-# the context carries an explicit `interval_steps`.
+# Policy name -> factory from the run's context. Each factory takes its intervals from the plan (partial
+# recovery's in whole steps, see `PolicyContext.partial_steps`) unless the context carries an explicit
+# `interval_steps`.
 POLICY_FACTORIES: dict[str, Callable[[PolicyContext], CheckpointPolicy]] = {
     "none": lambda ctx: NoCheckpointPolicy(),
     "full": lambda ctx: FullRecoveryPolicy(ctx.interval_steps or ctx.steps(ctx.plan.full.interval_hours)),
-    "partial": lambda ctx: PartialRecoveryPolicy(ctx.interval_steps or ctx.steps(ctx.plan.partial.interval_hours)),
+    "partial": lambda ctx: PartialRecoveryPolicy(ctx.interval_steps or ctx.partial_steps()),
     "mfu": MFUPolicy,
     "ssu": SSUPolicy,
     "scar": SCARPolicy,

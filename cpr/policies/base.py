@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from cpr.planning import partial_interval_steps
+
 if TYPE_CHECKING:
     from cpr.comm import Coordinator
     from cpr.planning import ClusterProfile, PlanResult
@@ -71,6 +73,11 @@ class PolicyContext:
     def steps(self, hours: float) -> int:
         """An interval in emulated hours as a whole number of steps (at least one)."""
         return max(1, round(hours / self.hours_per_step))
+
+    def partial_steps(self) -> int:
+        """Plain partial recovery's save interval: the longest whole-step interval whose expected PLS meets
+        the target (`cpr.planning.partial_interval_steps`)."""
+        return partial_interval_steps(self.profile, self.target_pls, self.total_steps)
 
 
 class CheckpointPolicy(ABC):

@@ -1,6 +1,7 @@
 """The three baseline policies: no checkpoints, full recovery, partial recovery."""
 from __future__ import annotations
 
+from cpr.planning import expected_lost_steps
 from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, SavePlan
 
 
@@ -32,5 +33,5 @@ class PartialRecoveryPolicy(PeriodicFullPolicy):
 
     def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
         # Saves and failures both fall on step ends, so a failure finds the shard 0 .. T-1 steps past its
-        # save, (T - 1) / 2 on average, not the continuous T / 2 (10% less at T = 11).
-        return failures * max(self.interval_steps - 1, 0) / (2 * num_shards * total_steps)
+        # save: about (T - 1) / 2, not the continuous T / 2 (10% less at T = 11).
+        return failures * expected_lost_steps(self.interval_steps, total_steps) / (num_shards * total_steps)

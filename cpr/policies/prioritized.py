@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from cpr.planning import expected_lost_steps
 from cpr.planning.prioritized import AccessProfile, PrioritizedPlan, plan_prioritized
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.tables import EmbeddingTables
@@ -119,7 +120,7 @@ class PrioritizedPolicy(CheckpointPolicy):
             (("full_interval_steps", context.interval_steps), (self.knob_option, knob), ("subset_interval_steps", subset))
             if value is not None
         }
-        self.full_interval_steps = context.interval_steps or context.steps(context.plan.partial.interval_hours)
+        self.full_interval_steps = context.interval_steps or context.partial_steps()
         self.subset_interval_steps = 0
         self.calibration_step = max(1, min(math.ceil(CALIBRATION_FRACTION * context.total_steps), self.full_interval_steps))
         self.replan_every = max(1, math.ceil(REPLAN_FRACTION * context.total_steps))
@@ -321,9 +322,9 @@ class PrioritizedPolicy(CheckpointPolicy):
     # -- reporting --------------------------------------------------------------------------------------
     def mean_age_steps(self) -> float:
         """The access-weighted mean age of the rows' newest saves the run is planned to have: the goal
-        N * M * target when the plan meets it, else the plan's; (T_full - 1) / 2 until planned."""
+        N * M * target when the plan meets it, else the plan's; plain partial recovery's until planned."""
         if self._promised_age is None:
-            return (self.full_interval_steps - 1) / 2
+            return expected_lost_steps(self.full_interval_steps, self.context.total_steps)
         return self._promised_age
 
     def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
