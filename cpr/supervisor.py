@@ -76,6 +76,8 @@ class Supervisor:
         env = {**os.environ, STORE_ENV: self.endpoint, "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
                "LOCAL_RANK": str(rank - self.node_rank * self.nproc), "LOCAL_WORLD_SIZE": str(self.nproc),
                "CPR_RESTART": str(self.restarts[rank])}
+        if self.nproc > 1:  # as torchrun does: N workers each spinning every core's thread would thrash
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("MASTER_ADDR", None)  # the process group forms on the supervisor's store, not on rank 0
         env.pop("MASTER_PORT", None)
         self._workers[rank] = subprocess.Popen(self.command, env=env)

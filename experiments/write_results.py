@@ -55,6 +55,12 @@ SECTIONS = (
     ("bytes_vs_pls", "Bytes written against PLS",
      "Bytes are those of the small model's tables (a full save is a few MB); what matters is the ratio "
      "between policies at equal PLS."),
+    ("real_failures", "Real failures: a killed rank comes back alone",
+     "The paper's failures are emulated, as in every section above; here worker processes of a 3-rank job "
+     "(2, 3 and 4 ranks in the full run) are really SIGKILLed and replaced by the supervisor. All ranks share "
+     "2 cores, so absolute seconds are this machine's; the split by phase says where they go. In a synchronous "
+     "TorchRec job the survivors wait for the replacement (they cannot train without its shards), so partial "
+     "recovery saves them the checkpoint reads and the retrained steps, not the replacement's start-up."),
 )
 
 
