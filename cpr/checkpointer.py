@@ -775,8 +775,11 @@ class CPRCheckpointer:
         committed = next((s for s in self.store.saves() if (s.step, s.kind) == (step, kind)), None)
         if committed is not None:
             self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
-        else:
-            self._undo_save(pending, "a rank died before the save committed")
+            return
+        self._undo_save(pending, "a rank died before the save committed")
+        staging = (pending.future.result() if pending.future else pending.written)[2]
+        if self.coordinator.is_coordinator and staging is not None:
+            self.store.abandon(staging)  # (a replaced coordinator's staging folder goes as a dead writer's)
 
     def _live_state(self) -> dict[str, Any]:
         """What a replacement takes from a survivor: everything but the rows, as training has it now."""

@@ -150,6 +150,8 @@ class ElasticJob:
             torch.set_rng_state(rng)
             self.ckpt.reattach(model, optimizer)
         else:
+            if self.ckpt is not None:  # a replacement that failed to join: its half-joined checkpointer goes
+                self.ckpt.close(flush=False)
             self.replacement = generation > 0
             self.ckpt = self._make_checkpointer(model, optimizer, self.replacement)
         self.model, self.optimizer = model, optimizer
