@@ -182,7 +182,7 @@ def test_full_recovery_restores_quantized_rows_within_the_bound(dmp_model, tmp_p
 def test_quantized_saves_store_a_row_in_dim_plus_8_bytes(dmp_model, tmp_path):
     ckpt, _ = _trained(dmp_model, tmp_path, "partial", "int8", steps=2)
     save = ckpt.store.saves()[-1]
-    stored = sum(e.nbytes for part in save.parts if part != "dense"
+    stored = sum(codecs.stored_nbytes(e.codec, torch.float32, e.shape) for part in save.parts if part != "dense"
                  for e in ckpt.store.load_part(save, part).manifest.tensors if e.name.endswith("/weight"))
     assert stored == sum(rows * (8 + 8) for rows in ROWS)  # dim 8: 32 raw bytes per row became 16
 

@@ -21,8 +21,9 @@ import torch
 from . import codecs, files
 from .errors import CorruptCheckpointError
 
-# 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec
-FORMAT_VERSION = 4
+# 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec;
+# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint)
+FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
 CHECKSUM_FIELD = "checksum"
@@ -74,6 +75,9 @@ class TensorEntry:
     checksum: int  # zlib.crc32 of the tensor's bytes
     offset: int = 0  # where the tensor's bytes start in `file` (a part keeps all its tensors in one file)
     codec: str = "raw"  # see codecs.py: "raw" (the tensor's own bytes), "int8" or "int4" (row-wise quantized)
+    # Where the codec's bytes start inside the tensor's `nbytes`: 0 when they are all of them, else the storage
+    # record of a torch.save serialization (see tensor_io.py), read by offset without unpickling anything.
+    payload_offset: int = 0
 
 
 @dataclass
@@ -348,12 +352,16 @@ def _tensor_entry(index: int, raw: Any) -> TensorEntry:
     if problem:
         raise _Defect(f"{what} ({name!r}).codec: {problem}")
     nbytes = _int(entry["nbytes"], f"{what}.nbytes")
-    if nbytes != codecs.stored_nbytes(codec, DTYPES[dtype], shape):
-        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)} as {codec}")
+    payload_offset = _int(entry["payload_offset"], f"{what}.payload_offset")
+    payload = codecs.stored_nbytes(codec, DTYPES[dtype], shape)
+    fits = nbytes == payload if payload_offset == 0 else payload_offset + payload <= nbytes
+    if not fits:
+        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)} as {codec} at offset "
+                      f"{payload_offset}")
     checksum = _int(entry["checksum"], f"{what}.checksum", high=_CRC32_MAX)
     offset = _int(entry["offset"], f"{what}.offset")
     return TensorEntry(name=name, file=entry["file"], dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum,
-                       offset=offset, codec=codec)
+                       offset=offset, codec=codec, payload_offset=payload_offset)
 
 
 def _check_tiling(tensors: list[TensorEntry]) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from . import tensor_io
+from .dcp_format import CHUNKS, Chunk, write_metadata
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
 from .manifest import (
@@ -91,6 +92,8 @@ class PartContent:
     rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready data of the writer, kept in the manifest
     codecs: Mapping[str, str] = field(default_factory=dict)  # tensor name -> codec when not "raw" (see codecs.py)
+    # tensor name -> the state-dict entry it is a chunk of, for the DCP metadata of a full save (see dcp_format.py)
+    chunks: Mapping[str, Chunk] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -306,10 +309,15 @@ class CheckpointStore:
         folder = staging / part
         try:
             folder.mkdir()
-            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs)
+            # Full saves are DCP checkpoints: each tensor a torch.save serialization (see dcp_format.py).
+            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs,
+                                              torch_save=kind == "full")
+            extra = {**content.extra, "part": part}
+            if content.chunks:
+                extra[CHUNKS] = {name: chunk.to_json() for name, chunk in content.chunks.items()}
             manifest = Manifest(
                 step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
-                tensors=entries, extra={**content.extra, "part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
+                tensors=entries, extra=extra, created=time.time(), nbytes=sum(e.nbytes for e in entries),
             )
             text = manifest.to_json().encode()
             with open(folder / MANIFEST_FILE, "wb") as f:
@@ -343,6 +351,9 @@ class CheckpointStore:
                         num_domains=num_domains, parts=dict(parts), extra=extra, created=time.time())
         final = self.directory / save_folder_name(step, kind)
         try:
+            if kind == "full":  # DCP's metadata, from every rank's parts, before the commit record
+                write_metadata(staging, {part: self._part_manifest(staging / part, record)[0]
+                                         for part, record in parts.items()}, str(final))
             with open(staging / COMMIT_FILE, "w") as f:
                 f.write(info.to_json())
                 f.flush()
@@ -413,14 +424,20 @@ class CheckpointStore:
         if part not in save.parts:
             raise KeyError(f"save {save.folder} (step {save.step}, {save.kind}) has no part {part!r}")
         folder = save.folder / part
-        text = read_text(folder, MANIFEST_FILE)
-        if zlib.crc32(text.encode()) != save.parts[part].checksum:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
-        manifest = Manifest.from_json(text, folder)
+        manifest, manifest_bytes = self._part_manifest(folder, save.parts[part])
         entries = manifest.tensors if names is None else [manifest.entry(name) for name in names]
         tensors = {entry.name: tensor_io.read_tensor(folder, entry, file_size(manifest.tensors, entry.file))
                    for entry in entries}
-        return LoadedPart(manifest, tensors, len(text) + sum(entry.nbytes for entry in entries))
+        return LoadedPart(manifest, tensors, manifest_bytes + sum(entry.nbytes for entry in entries))
+
+    @staticmethod
+    def _part_manifest(folder: Path, record: PartRecord) -> tuple[Manifest, int]:
+        """The verified manifest of the part in `folder`, whose commit record (or writer) says `record`, and
+        its size."""
+        text = read_text(folder, MANIFEST_FILE)
+        if zlib.crc32(text.encode()) != record.checksum:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
+        return Manifest.from_json(text, folder), len(text)
 
     # -- housekeeping ----------------------------------------------------------------------------------
 
