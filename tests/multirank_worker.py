@@ -108,6 +108,20 @@ def partial(out: Path, sharding: str, failed: int, tables: int | None = None) ->
             "report_failures": report["failures"], "holds": sorted(ckpt.tables.tables)}
 
 
+def dcp_layout(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Train to step 8 (a full save there); every state-dict entry as this rank holds it: (first row, rows)."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "full")
+    _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
+    ckpt.flush()
+    state = {}
+    for key, value in model.state_dict().items():
+        shards = value.local_shards() if hasattr(value, "local_shards") else None
+        state[key] = ([(s.metadata.shard_offsets[0], s.tensor.clone()) for s in shards] if shards is not None
+                      else [(0, value.clone())])
+    newest = [s for s in ckpt.store.saves() if s.kind == "full"][-1]
+    return {"state": state, "save": str(newest.folder), "step": newest.step}
+
+
 def full(out: Path, sharding: str, failed: int) -> dict[str, Any]:
     """The same run twice: without failures, and with domain `failed` failing at step 10 (full recovery)."""
     from cpr.faults import Failure, FailureSchedule
