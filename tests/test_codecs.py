@@ -24,11 +24,13 @@ BITS = {"int8": 8, "int4": 4}
 def row_bound(rows: torch.Tensor, codec: str) -> torch.Tensor:
     """Per row, the largest error `codec` may make on an element: half a quantization step of the row's
     range, plus (int4) the fp16 rounding of its scale and bias (relative 2**-11 each, the scale's counted
-    over the 15 steps a code can span)."""
+    over the 15 steps a code can span), plus the fp32 rounding of decoding (`code * scale + bias`, a few ulps
+    of the row's largest magnitude: it dominates for a narrow row far from 0)."""
     low, high = rows.min(dim=1).values, rows.max(dim=1).values
     bound = (high - low) / (2 ** BITS[codec] - 1) / 2
     if codec == "int4":
         bound = bound + 2.0**-11 * (low.abs() + (high - low))
+    bound = bound + 2.0**-22 * torch.maximum(low.abs(), high.abs())
     return bound * (1 + 1e-5) + 1e-7
 
 
