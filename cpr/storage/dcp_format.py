@@ -18,11 +18,9 @@ so DCP sees no float weight for it.
 """
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +34,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from . import codecs
+from . import codecs, location
+from .location import Folder
 from .manifest import DTYPES, Manifest
 from .names import state_name, weight_name
 
@@ -121,10 +120,9 @@ def build_metadata(manifests: Mapping[str, Manifest], checkpoint_id: str) -> Met
                     version=CURRENT_DCP_VERSION)
 
 
-def write_metadata(folder: Path, manifests: Mapping[str, Manifest], checkpoint_id: str) -> None:
-    """Write and fsync `folder/.metadata` for the parts' chunks, as DCP's FileSystemWriter does at `finish`."""
+def write_metadata(folder: Folder, manifests: Mapping[str, Manifest], checkpoint_id: str) -> None:
+    """Write `folder/.metadata` for the parts' chunks and make it durable, as DCP's writers do at `finish`."""
     metadata = build_metadata(manifests, checkpoint_id)
-    with open(folder / METADATA_FILE, "wb") as f:
+    with location.create(folder / METADATA_FILE) as f:
         pickle.dump(metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
+        location.make_durable(f)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from . import codecs, files
+from . import codecs, files, location
+from .location import Folder
 from .errors import CorruptCheckpointError
 
 # 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec;
@@ -119,7 +120,6 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, folder: Path) -> Manifest:
         """Parse and verify a manifest; any defect raises CorruptCheckpointError naming the save and the reason."""
-        folder = Path(folder)
         data = strict_json(text, folder, MANIFEST_FILE)
         try:
             return cls._from_checked(data, folder)
@@ -127,8 +127,9 @@ class Manifest:
             raise CorruptCheckpointError(folder, MANIFEST_FILE, str(e)) from None
 
     @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        return cls.from_json(read_text(Path(folder), MANIFEST_FILE), Path(folder))
+    def read(cls, folder: Folder | str) -> Manifest:
+        folder = location.folder(folder)
+        return cls.from_json(read_text(folder, MANIFEST_FILE), folder)
 
     @classmethod
     def _from_checked(cls, data: Any, folder: Path) -> Manifest:
@@ -166,7 +167,7 @@ class Manifest:
         )
 
 
-def read_text(folder: Path, file: str) -> str:
+def read_text(folder: Folder, file: str) -> str:
     """A metadata file of a save folder as text: a regular file inside it, bounded in size, UTF-8."""
     raw = files.read_file(folder, file, max_size=MAX_MANIFEST_BYTES)
     try:

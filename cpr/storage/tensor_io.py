@@ -13,6 +13,7 @@ A tensor's bytes are framed one of two ways:
   tensor's storage; the manifest records where that record's bytes start (`payload_offset`), so CPR reads
   them by offset and never unpickles the record's `data.pkl`. The crc32 covers the whole serialization.
 """
+import io
 import os
 import struct
 import zipfile
@@ -23,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import codecs, files
+from . import codecs, files, location
 from .errors import CorruptCheckpointError
+from .location import Folder
 from .manifest import DTYPES, TensorEntry
 
 
@@ -40,45 +42,18 @@ def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-class _ChecksummedStream:
-    """The write end torch.save is given: passes its bytes on to the part's file, counting them and
-    accumulating their crc32, so the serialization is neither buffered in memory nor read back."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-        self.nbytes = 0
-        self.checksum = 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.file.write(view)
-        self.nbytes += len(view)
-        self.checksum = zlib.crc32(view, self.checksum)
-        return len(view)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 _ZIP_LOCAL_HEADER = struct.Struct("<26xHH")  # a zip local header's file name and extra field lengths
 
 
-def _storage_record_offset(path: Path, start: int, payload: int) -> int:
-    """Where the storage bytes lie in the torch.save serialization that starts at byte `start` of `path` and
-    ends at its end, relative to `start`; ValueError if they are not its uncompressed `data/0` record of
-    `payload` bytes.
-
-    zipfile reads only the zip's directory (the serialization is the file's last zip; its offsets are taken
-    relative to where it starts in the file), never the pickle.
-    """
-    with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+def _storage_record_offset(serialized: io.BytesIO, payload: int) -> int:
+    """Where the storage bytes lie in a torch.save serialization: its uncompressed `data/0` record of `payload`
+    bytes (ValueError otherwise). zipfile reads only the zip's directory, never the pickle."""
+    with zipfile.ZipFile(serialized) as archive:
         record = next((info for info in archive.infolist() if info.filename.endswith("/data/0")), None)
-        if record is None or record.compress_type != zipfile.ZIP_STORED or record.file_size != payload \
-                or record.header_offset < start:
+        if record is None or record.compress_type != zipfile.ZIP_STORED or record.file_size != payload:
             raise ValueError(f"torch.save wrote no uncompressed data/0 record of {payload} bytes")
-        name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(os.pread(file.fileno(), _ZIP_LOCAL_HEADER.size,
-                                                                       record.header_offset))
-    return record.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length - start
+    name_length, extra_length = _ZIP_LOCAL_HEADER.unpack_from(serialized.getbuffer(), record.header_offset)
+    return record.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
 
 
 _ZIP_DESCRIPTORS = (struct.Struct("<4s4xII"), struct.Struct("<4s4xQQ"))  # after a record: its sizes (zip64: 8 bytes)
@@ -108,7 +83,7 @@ def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], codec_of: Mapping[str, str] | None = None,
+def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: Mapping[str, str] | None = None,
                   torch_save: bool = False) -> list[TensorEntry]:
     """Write every tensor of a part, back to back, into one file at `path`, fsync it once, and return their
     manifest entries (file = path's name, offset = where each tensor's bytes start).
@@ -121,7 +96,7 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], codec_of: Map
     """
     entries = []
     offset = 0
-    with open(path, "wb") as f:
+    with location.create(path) as f:
         for name, tensor in tensors.items():
             dtype = dtype_name(tensor.dtype)
             codec = (codec_of or {}).get(name, "raw")
@@ -130,30 +105,27 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], codec_of: Map
                 raise ValueError(f"tensor {name!r}: {problem}")
             stored = codecs.encode(codec, tensor)
             if torch_save:
-                stream = _ChecksummedStream(f)
-                torch.save(_exact_storage(stored), stream)
-                f.flush()
-                nbytes, checksum = stream.nbytes, stream.checksum
-                payload_offset = _storage_record_offset(path, offset, stored.nbytes)
+                serialized = io.BytesIO()
+                torch.save(_exact_storage(stored), serialized)
+                data, payload_offset = serialized.getbuffer(), _storage_record_offset(serialized, stored.nbytes)
             else:
-                data = _as_bytes(stored)
-                f.write(memoryview(data))
-                nbytes, checksum, payload_offset = data.nbytes, zlib.crc32(memoryview(data)), 0
+                data, payload_offset = memoryview(_as_bytes(stored)), 0
+            f.write(data)
+            nbytes, checksum = data.nbytes, zlib.crc32(data)
             entries.append(TensorEntry(name=name, file=path.name, dtype=dtype, shape=tuple(tensor.shape),
                                        nbytes=nbytes, checksum=checksum, offset=offset, codec=codec,
                                        payload_offset=payload_offset))
             offset += nbytes
-        f.flush()
-        os.fsync(f.fileno())
+        location.make_durable(f)
     return entries
 
 
-def read_tensor(folder: Path, entry: TensorEntry, file_size: int) -> torch.Tensor:
+def read_tensor(folder: Folder, entry: TensorEntry, file_size: int) -> torch.Tensor:
     """Read one tensor: its byte range of a regular file directly inside `folder` that has exactly
     `file_size` bytes, whose crc32 matches, decoded by its codec; CorruptCheckpointError otherwise."""
     if entry.dtype not in DTYPES:
         raise CorruptCheckpointError(folder, str(entry.file), f"unknown dtype {entry.dtype!r}")
-    buffer = files.read_file(Path(folder), entry.file, size=file_size, offset=entry.offset, length=entry.nbytes)
+    buffer = files.read_file(folder, entry.file, size=file_size, offset=entry.offset, length=entry.nbytes)
     checksum = zlib.crc32(buffer)
     if checksum != entry.checksum:
         raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: crc32 {checksum:#010x} != manifest "
