@@ -7,13 +7,16 @@ A save is `DIR/save-<step:010d>-<kind>/`. It holds one folder per *part* and `co
   process holds the domain, in parallel with the others;
 * `dense/`: dense parameters, dense optimizer state and RNG, written once (by the coordinator).
 
-A part is a folder with `manifest.json` and `tensors.bin`, its tensors' raw bytes back to back (see
-`manifest.py`, `tensor_io.py`): one file and one fsync per part whatever the number of tables.
-Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and folder. Only when
-every part is durable does the coordinator write `commit.json` (naming each part with the crc32 of its
-manifest), fsync it, rename the staging folder into place and fsync `DIR`, as DCP writes its metadata
-last: a save either is complete under its final name or does not exist. Deletion renames to
-`DIR/.trash-...` before removing, for the same reason.
+A part is a folder with `manifest.json` and `tensors.bin`, its tensors back to back (see `manifest.py`,
+`tensor_io.py`): one file and one fsync per part whatever the number of tables. In a full save each tensor
+is a torch.save record and the save folder is also a torch.distributed.checkpoint checkpoint
+(`dcp_format.py`): its `.metadata` is written by the coordinator at commit, before `commit.json`.
+Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and part folder. Only
+when every part is durable does the coordinator write `.metadata` and `commit.json` (naming each part with
+the crc32 of its manifest), fsync them and the staging folder (every part's entry in it), rename the staging
+folder into place and fsync `DIR`, as DCP writes its metadata last: a save either is complete under its
+final name or does not exist. Deletion renames to `DIR/.trash-...` before removing, for the same reason.
+`DIR` may also be an fsspec URL (see location.py).
 
 One job per directory: the coordinator's store holds the directory's lock (see lock.py), and only
 temporary folders of this job or of a dead one are removed.
@@ -316,8 +319,8 @@ class CheckpointStore:
             with location.create(folder / MANIFEST_FILE) as f:
                 f.write(text)
                 location.make_durable(f)
+            # The staging folder's own entry for this part is made durable once, by the commit (below).
             location.sync_folder(folder)
-            location.sync_folder(staging)
         except BaseException as e:
             location.remove_tree(folder)
             e.add_note(f"writing part {part} of the step-{step} {kind} save in {staging} failed; earlier saves in "
@@ -349,7 +352,7 @@ class CheckpointStore:
             with location.create(staging / COMMIT_FILE) as f:
                 f.write(info.to_json().encode())
                 location.make_durable(f)
-            location.sync_folder(staging)
+            location.sync_folder(staging)  # every part's folder entry and the commit record's, in one fsync
             if final.exists():
                 self._delete(final)
             location.rename(staging, final)
