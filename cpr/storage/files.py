@@ -3,6 +3,7 @@
 Metadata names a file; a tampered or damaged name must not make the loader read elsewhere (`..`, absolute
 paths, symbolic links) or block (a FIFO or a device). The folder itself is opened without following a
 symbolic link and the file relative to it, so neither component can lead out of the checkpoint directory.
+A folder of an fsspec filesystem (location.py) is read through fsspec under the same name and size rules.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import errno
 import os
 import re
 import stat
-from pathlib import Path
 
 from .errors import CorruptCheckpointError
 from .location import Folder, RemoteFolder

@@ -14,12 +14,10 @@ A tensor's bytes are framed one of two ways:
   them by offset and never unpickles the record's `data.pkl`. The crc32 covers the whole serialization.
 """
 import io
-import os
 import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
