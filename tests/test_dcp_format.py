@@ -113,3 +113,15 @@ def test_a_quantized_full_save_shows_dcp_the_fused_rows(dmp_model, tmp_path):
     stored = metadata.state_dict_metadata[f"{weight_key}.int8_rowwise"]
     width = ckpt.tables.tables["t_cat_0"].dim + 8  # int8 codes, then an fp32 scale and bias per row
     assert stored.properties.dtype == torch.uint8 and tuple(stored.size) == (ROWS[0], width)
+
+
+def test_cpr_recovery_does_not_depend_on_dcp_metadata(dmp_model, tmp_path):
+    """`.metadata` is DCP's alone: a damaged one leaves CPR's rollback to the same save intact."""
+    ckpt, _ = trained_full_save(dmp_model, tmp_path)
+    rows = snapshot(ckpt)
+    (newest_full(ckpt).folder / METADATA_FILE).write_bytes(b"not a pickle")
+    model, optimizer = dmp_model
+    train_step(model, optimizer, ckpt, make_batch(torch.Generator().manual_seed(5)))
+    assert ckpt.recover([2]).step == 4
+    for key, value in snapshot(ckpt).items():
+        assert torch.equal(value, rows[key]), key
