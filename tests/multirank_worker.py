@@ -96,6 +96,8 @@ def _train(model, optimizer, ckpt, reader, steps: int, schedule=None) -> None:
 
 def partial(out: Path, sharding: str, failed: int, tables: int | None = None) -> dict[str, Any]:
     """Train to step 10 (full saves at 0, 4, 8), then domain `failed` fails: partial recovery."""
+    from cpr.storage import domain_part
+
     model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial", tables=tables)
     _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
     saved = _state(ckpt)  # the newest save (step 8) holds exactly this
@@ -103,8 +105,10 @@ def partial(out: Path, sharding: str, failed: int, tables: int | None = None) ->
     before, position = _state(ckpt), reader.state_dict()
     result = ckpt.recover([failed])
     report = ckpt.report()
+    # What this rank's rows and state take in the newest full save (torch.save records: a small frame each).
+    own_bytes = [s for s in ckpt.store.saves() if s.kind == "full"][-1].parts[domain_part(dist.get_rank())].nbytes
     return {"saved": saved, "before": before, "after": _state(ckpt), "position": (position, reader.state_dict()),
-            "step": result.step, "own_bytes": ckpt.tables.nbytes(), "loaded_bytes": ckpt.ledger.failures[0].loaded_bytes,
+            "step": result.step, "own_bytes": own_bytes, "loaded_bytes": ckpt.ledger.failures[0].loaded_bytes,
             "report_failures": report["failures"], "holds": sorted(ckpt.tables.tables)}
 
 
