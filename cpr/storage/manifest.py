@@ -1,7 +1,8 @@
 """The metadata of one save: small dataclasses serialised to `manifest.json`.
 
-The manifest is the only thing read to decide what a save holds; tensor files are raw bytes whose dtype,
-shape, size and crc32 are recorded here, so loading never unpickles anything. The metadata is verified like
+The manifest is the only thing read to decide what a save holds; tensor files hold each tensor's bytes
+(bare, or inside a torch.save record at a recorded offset) whose dtype, shape, size and crc32 are recorded
+here, so loading never unpickles anything. The metadata is verified like
 the data: it carries a sha256 of its own content, and every field is checked for type and range when read.
 Any defect, whatever it is, raises CorruptCheckpointError naming the save folder and the reason, so the
 store can fall back to an older save.
