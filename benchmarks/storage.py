@@ -6,8 +6,20 @@ Prints one JSON object (and writes it to `--out` if given):
 * `bytes_per_save`: a full save of the `kaggle` DLRM with tables capped at `--rows` rows, raw and with int8 /
   int4 rows, and a differential save after `--diff-steps` training steps of `--batch-size` (the rows those
   steps looked up, raw).
-* `mb_s`: the raw full save (`cpr_sync`: snapshot, write, fsync, commit) against `dd`, a write of the same
-  number of bytes in 64 MiB blocks to one file in the same folder followed by one fsync (the disk's limit).
+* `mb_s`: the raw full save (`cpr_sync`: snapshot, write, fsync, commit; `cpr_async`: the same written by the
+  background thread, snapshot to commit) against `dd`, a write of the same number of bytes in 64 MiB blocks
+  to one file in the same folder followed by one fsync (the disk's limit), and against `dcp`/`dcp_async`:
+  `torch.distributed.checkpoint.save`/`async_save` of the same DMP model and optimizer state dict (their own
+  bytes over the time until the checkpoint is complete). Each is the median of `--repeats` warm saves (the
+  first save of a process also pays for page-cache and allocator warm-up), as is `save_seconds`.
+* `async_stall_fraction`: what an asynchronous full save made training wait (snapshot and commit, measured
+  in a training loop with a full save every `--stall-interval` steps) over the time of a synchronous save;
+  `async_contention_fraction` adds the slowdown of the training steps run while the save was written (the
+  writer thread shares the cores), as the sum over those steps of their time beyond the median step.
+* `throughput`: wall-clock samples/s (saves included, no failures) of `--throughput-steps` training steps of
+  the same config with `--policy none`, `mfu` and `ssu`, one run each; `throughput_ratio` over `none`.
+* `bytes_per_hour`: emulated-hour write volume of `partial` (full saves at the PLS target's interval) and of
+  `mfu --differential --quantize int8` at the same PLS target, from the same runs' length.
 * `auc_loss[codec][data][recovery]`: AUC of a run restored from raw rows minus AUC of the same run (same
   seed, data and failures) restored from `codec` rows, with partial and with full recovery; positive is AUC
   lost. Runs go through `cpr.train.run` with the small model, on the built-in synthetic set and on the real
@@ -40,27 +52,167 @@ CODECS = ("int8", "int4")
 _BLOCK = 64 << 20
 
 
-def dd_mb_s(folder: Path, nbytes: int) -> float:
-    """MB/s of writing `nbytes` to one new file in `folder` in 64 MiB blocks, then one fsync."""
+def dd_mb_s(folder: Path, nbytes: int, repeats: int) -> float:
+    """MB/s of writing `nbytes` to one new file in `folder` in 64 MiB blocks, then one fsync (median)."""
     block = np.random.default_rng(0).integers(0, 256, size=_BLOCK, dtype=np.uint8)
     path = folder / "dd.bin"
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left:
-            n = min(left, _BLOCK)
-            f.write(memoryview(block)[:n])
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return nbytes / seconds / 1e6
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            left = nbytes
+            while left:
+                n = min(left, _BLOCK)
+                f.write(memoryview(block)[:n])
+                left -= n
+            f.flush()
+            os.fsync(f.fileno())
+        rates.append(nbytes / (time.perf_counter() - start) / 1e6)
+        path.unlink()
+    return float(np.median(rates))
 
 
 def first_save(ckpt: CPRCheckpointer) -> tuple[int, float]:
     event = ckpt.ledger.checkpoints[0]  # the initial full save, made when the checkpointer is created
     return event.bytes, event.seconds
+
+
+def train_step(model, optimizer, ckpt: CPRCheckpointer | None, batch) -> None:
+    optimizer.zero_grad()
+    loss, _ = model(batch)
+    loss.backward()
+    optimizer.step()
+    if ckpt is not None:
+        ckpt.step()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+class ShardedCopyStager:
+    """An `AsyncStager` for dcp.async_save that copies a TorchRec state dict: DCP's default stager cannot copy
+    a ShardedTensor (its `data_ptr` is unsupported), so each local shard is cloned into a new ShardedTensor."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state: dict) -> dict:
+        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+        def copy(value):
+            if isinstance(value, ShardedTensor):
+                shards = [Shard(s.tensor.detach().clone(), s.metadata) for s in value.local_shards()]
+                return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata())
+            if isinstance(value, torch.Tensor):
+                return value.detach().clone()
+            if isinstance(value, dict):
+                return {k: copy(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [copy(v) for v in value]
+            return value
+
+        return copy(state)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def dcp_numbers(model, optimizer, folder: Path, repeats: int) -> dict:
+    """MB/s of dcp.save and dcp.async_save of the model and optimizer state dict (medians of `repeats`
+    saves, each into a new folder), and async_save's stall."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    rates: dict[str, list[float]] = {"dcp": [], "dcp_async": [], "dcp_async_stall_s": []}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(folder / "dcp"))
+        rates["dcp"].append(folder_bytes(folder / "dcp") / (time.perf_counter() - started) / 1e6)
+        started = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(folder / "dcp-async"), async_stager=ShardedCopyStager())
+        rates["dcp_async_stall_s"].append(time.perf_counter() - started)
+        future.result()
+        rates["dcp_async"].append(folder_bytes(folder / "dcp-async") / (time.perf_counter() - started) / 1e6)
+        shutil.rmtree(folder / "dcp")
+        shutil.rmtree(folder / "dcp-async")
+    return {key: float(np.median(values)) for key, values in rates.items()}
+
+
+def cpr_full_saves(model, optimizer, folder: Path, repeats: int, async_save: bool,
+                   quantize: str = "none") -> tuple[int, float]:
+    """(bytes, median seconds) of `repeats` full saves after the initial one, snapshot to commit: policy
+    `full` saving at every step, each step waiting for its save to commit."""
+    ckpt = CPRCheckpointer(model, optimizer, folder / "speed", policy="full", total_steps=10**6, interval_steps=1,
+                           keep_last=1, async_save=async_save, quantize=quantize)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ckpt.step()
+        ckpt.flush()
+        seconds.append(time.perf_counter() - started)
+    nbytes = ckpt.ledger.checkpoints[-1].bytes
+    ckpt.close()
+    shutil.rmtree(folder / "speed")
+    return nbytes, float(np.median(seconds))
+
+
+def async_stall(model, optimizer, batches, folder: Path, interval: int, sync_seconds: float) -> dict:
+    """Train with a full save every `interval` steps, written in the background; what the saves cost training."""
+    ckpt = CPRCheckpointer(model, optimizer, folder / "async", policy="full", total_steps=10**6, interval_steps=interval)
+    step_seconds, in_flight = [], []
+    saving = False
+    for _ in range(3 * interval):
+        committed = len(ckpt.ledger.checkpoints)
+        started = time.perf_counter()
+        train_step(model, optimizer, ckpt, next(batches))
+        step_seconds.append(time.perf_counter() - started)
+        in_flight.append(saving)
+        saving = (saving or ckpt.global_step % interval == 0) and len(ckpt.ledger.checkpoints) == committed
+    saves = [e for e in ckpt.ledger.checkpoints[1:] if e.kind == "full"]  # periodic saves, committed in a step
+    ckpt.close()
+    shutil.rmtree(folder / "async")
+    normal = float(np.median([t for t, flight in zip(step_seconds, in_flight) if not flight]))
+    contention = sum(t - normal for t, flight in zip(step_seconds, in_flight) if flight)
+    stall = float(np.mean([e.seconds for e in saves]))
+    return {"async_stall_fraction": stall / sync_seconds,
+            "async_contention_fraction": (stall + contention / max(len(saves), 1)) / sync_seconds,
+            "async_stall": {"stall_s": stall, "contention_s_per_save": contention / max(len(saves), 1),
+                            "persist_s": float(np.mean([e.persist_seconds for e in saves])),
+                            "median_step_s": normal, "saves": len(saves)}}
+
+
+def training_runs(args: argparse.Namespace, folder: Path) -> dict:
+    """Samples/s with no, mfu and ssu checkpointing, and bytes per emulated hour of full saves against
+    mfu + differential + int8, at the kaggle config (no failures)."""
+    common = ["--model", "kaggle", "--rows", str(args.rows), "--steps", str(args.throughput_steps), "--failures", "0",
+              "--batch-size", str(args.batch_size), "--no-progress", "--overwrite"]
+    runs = {"none": [], "mfu": [], "ssu": [], "partial": [], "mfu_diff_int8": ["--differential", "--quantize", "int8"]}
+    summaries: dict[str, list[dict]] = {name: [] for name in runs}
+    # The machine is shared: the throughput runs are interleaved over rounds and each policy keeps its
+    # fastest run (the one least slowed by other jobs); the byte counts do not depend on the round.
+    for round_ in range(args.throughput_rounds):
+        for name, extra in runs.items():
+            if round_ and name not in ("none", "mfu", "ssu"):
+                continue
+            policy = "mfu" if name == "mfu_diff_int8" else name
+            out = folder / f"run-{name}"
+            summaries[name].append(run(parse_args([*common, "--policy", policy, *extra, "--out", str(out)])))
+            shutil.rmtree(out, ignore_errors=True)
+    every_round = {name: [s["samples_per_s"] for s in summaries[name]] for name in ("none", "mfu", "ssu")}
+    throughput = {name: max(rates) for name, rates in every_round.items()}
+    summaries = {name: found[0] for name, found in summaries.items()}
+    hourly = {name: summaries[name]["bytes_per_hour"] for name in ("partial", "mfu_diff_int8")}
+    return {"throughput": throughput,
+            "throughput_ratio": {name: value / throughput["none"] for name, value in throughput.items()},
+            "throughput_steps": args.throughput_steps,
+            "throughput_every_round": every_round,
+            "bytes_per_hour": hourly,
+            "full_over_mfu_diff_int8": hourly["partial"] / hourly["mfu_diff_int8"] if hourly["mfu_diff_int8"] else None,
+            "pls_expected": {name: summaries[name]["pls_expected"] for name in ("partial", "mfu_diff_int8")}}
 
 
 def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
@@ -70,41 +222,40 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
     torch.manual_seed(0)
     model = wrap_dmp(build_model(MODEL_CONFIGS["kaggle"], rows), device, "rowwise_adagrad", 0.01)
     optimizer = build_optimizer(model, 0.001)
-    data = open_dataset(None, table_rows=rows, eval_fraction=0.01, synthetic_rows=2 * args.batch_size * args.diff_steps)
+    steps = args.diff_steps + 3 * args.stall_interval
+    data = open_dataset(None, table_rows=rows, eval_fraction=0.01, synthetic_rows=2 * args.batch_size * steps)
     batches = iter(BatchLoader(data.train, args.batch_size, drop_last=True))
 
-    # Raw full save (at creation) and the differential save of the next periodic "full" save.
+    # Raw full save (at creation, synchronous) and the differential save of the next periodic "full" save.
     ckpt = CPRCheckpointer(model, optimizer, folder / "raw", policy="partial", total_steps=10**6,
-                           interval_steps=args.diff_steps, differential=True)
-    raw_bytes, raw_seconds = first_save(ckpt)
+                           interval_steps=args.diff_steps, differential=True, async_save=False)
+    raw_bytes, _ = first_save(ckpt)
     for _ in range(args.diff_steps):
-        batch = next(batches)
-        optimizer.zero_grad()
-        loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        ckpt.step()
+        train_step(model, optimizer, ckpt, next(batches))
     diff = ckpt.ledger.checkpoints[-1]
     assert diff.kind == "subset" and diff.step == args.diff_steps, diff
     ckpt.close()
     shutil.rmtree(folder / "raw")
-    dd = dd_mb_s(folder, raw_bytes)
+    # Speeds: medians of warm repeats (a first save also pays for page-cache and allocator warm-up).
+    dd = dd_mb_s(folder, raw_bytes, args.repeats)
+    sync_bytes, raw_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False)
+    async_bytes, async_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=True)
 
     out = {"rows_cap": args.rows, "table_rows": sum(rows), "bytes": raw_bytes,
            "bytes_per_save": {"raw": raw_bytes, "diff": diff.bytes},
            "diff_after": {"steps": args.diff_steps, "batch_size": args.batch_size},
-           "mb_s": {"dd": dd, "cpr_sync": raw_bytes / raw_seconds / 1e6},
+           "mb_s": {"dd": dd, "cpr_sync": sync_bytes / raw_seconds / 1e6,
+                    "cpr_async": async_bytes / async_seconds / 1e6,
+                    **dcp_numbers(model, optimizer, folder, args.repeats)},
            "save_seconds": {"raw": raw_seconds}}
+    out.update(async_stall(model, optimizer, batches, folder, args.stall_interval, raw_seconds))
     for codec in CODECS:
-        quantized = CPRCheckpointer(model, optimizer, folder / codec, policy="partial", total_steps=10**6,
-                                    interval_steps=10**6, quantize=codec)
-        nbytes, seconds = first_save(quantized)
+        nbytes, seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False, quantize=codec)
         out["bytes_per_save"][codec] = nbytes
         out["save_seconds"][codec] = seconds
-        quantized.close()
-        shutil.rmtree(folder / codec)
     out["bytes_ratio"] = {k: v / raw_bytes for k, v in out["bytes_per_save"].items()}
     out["mb_s"]["cpr_sync_over_dd"] = out["mb_s"]["cpr_sync"] / dd
+    out["mb_s"]["cpr_sync_over_dcp"] = out["mb_s"]["cpr_sync"] / out["mb_s"]["dcp"]
     return out
 
 
@@ -142,7 +293,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--failures", type=int, default=8, help="failures injected in each AUC run")
     parser.add_argument("--dir", help="where saves are written (default: a temporary folder, removed after)")
+    parser.add_argument("--stall-interval", type=int, default=20, help="steps between the full saves of the stall loop")
+    parser.add_argument("--throughput-steps", type=int, default=300, help="steps of each throughput run")
+    parser.add_argument("--throughput-rounds", type=int, default=2, help="interleaved rounds of throughput runs")
+    parser.add_argument("--repeats", type=int, default=3, help="saves timed for each MB/s (median)")
     parser.add_argument("--skip-auc", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     quiet_dependencies()
@@ -151,6 +307,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         result = storage_numbers(args, folder)
+        if not args.skip_throughput:
+            result.update(training_runs(args, folder))
         if not args.skip_auc:
             result.update(auc_losses(folder, args.failures))
     finally:

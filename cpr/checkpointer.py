@@ -51,6 +51,7 @@ from cpr.storage import (
     domain_part,
     restore_domain,
 )
+from cpr.storage.dcp_format import Chunk, table_chunks
 from cpr.storage.names import ids_name, state_name, weight_name
 from cpr.tables import EmbeddingTables
 from cpr.tracking import AccessTracker
@@ -377,11 +378,15 @@ class CPRCheckpointer:
         tensors: dict[str, torch.Tensor] = {}
         tables: dict[str, TableMeta] = {}
         rows: dict[str, tuple[int, int]] = {}
+        chunks: dict[str, Chunk] = {}
         for table, (start, end) in self.layout.held(domain).items():
             weight, states = self.tables.weight(table), self.tables.row_states(table)
             if decision.kind == "full":  # copies: training goes on while they are written
                 tensors[weight_name(table)] = weight[start:end].detach().clone()
                 tensors.update({state_name(table, s): v[start:end].detach().clone() for s, v in states.items()})
+                info = self.tables.tables[table]
+                chunks.update(table_chunks(table, info.state_key, info.rows, self.layout.global_rows(table, domain)[0],
+                                           tensors))
             else:
                 ids = decision.rows.get(table)
                 if ids is None:
@@ -398,7 +403,7 @@ class CPRCheckpointer:
         if decision.kind == "subset" and not tensors:
             return None
         stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
-        return PartContent(tensors, tables, rows, codecs=stored)
+        return PartContent(tensors, tables, rows, codecs=stored, chunks=chunks)
 
     def _parts(self, decision: SavePlan, policy_tensors: Mapping[str, torch.Tensor]) -> dict[str, PartContent]:
         parts = {}
@@ -411,8 +416,9 @@ class CPRCheckpointer:
             first = domain_part(self.layout.local[0])
             parts[first] = dataclasses.replace(parts[first], extra={"ledger": self.ledger.state_dict()})
         if decision.kind == "full" and self.coordinator.is_coordinator:
-            parts[DENSE_PART] = PartContent({**dense.capture(self.model, self.optimizer, self.tables),
-                                             **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}})
+            snapshot = dense.capture(self.model, self.optimizer, self.tables)
+            parts[DENSE_PART] = PartContent({**snapshot, **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}},
+                                            chunks=dense.chunks(snapshot))
         return parts
 
     def _save(self, decision: SavePlan) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from cpr.storage.dcp_format import Chunk, optimizer_key
 from cpr.tables import EmbeddingTables
 
 MODEL_PREFIX = "dense/model/"
@@ -53,6 +54,19 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, tables: Embeddin
     snapshot.update({OPTIM_PREFIX + k: v.detach().clone() for k, v in _optimizer_tensors(optimizer, tables).items()})
     snapshot[RNG_KEY] = torch.get_rng_state()
     return snapshot
+
+
+def chunks(snapshot: Mapping[str, torch.Tensor]) -> dict[str, Chunk]:
+    """The state-dict entries of a `capture` for DCP: the dense parameters under their model keys, the optimizer
+    state under DCP's optimizer keys; the RNG state is CPR's own and has none."""
+    out = {}
+    for name, tensor in snapshot.items():
+        if name.startswith(MODEL_PREFIX):
+            out[name] = Chunk.whole(name.removeprefix(MODEL_PREFIX), tensor)
+        elif name.startswith(OPTIM_PREFIX):
+            parameter, _, state = name.removeprefix(OPTIM_PREFIX).partition("/")
+            out[name] = Chunk.whole(optimizer_key(parameter, state.replace("/", ".")), tensor)
+    return out
 
 
 def restore(

@@ -96,6 +96,8 @@ def _train(model, optimizer, ckpt, reader, steps: int, schedule=None) -> None:
 
 def partial(out: Path, sharding: str, failed: int, tables: int | None = None) -> dict[str, Any]:
     """Train to step 10 (full saves at 0, 4, 8), then domain `failed` fails: partial recovery."""
+    from cpr.storage import domain_part
+
     model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial", tables=tables)
     _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
     saved = _state(ckpt)  # the newest save (step 8) holds exactly this
@@ -103,9 +105,25 @@ def partial(out: Path, sharding: str, failed: int, tables: int | None = None) ->
     before, position = _state(ckpt), reader.state_dict()
     result = ckpt.recover([failed])
     report = ckpt.report()
+    # What this rank's rows and state take in the newest full save (torch.save records: a small frame each).
+    own_bytes = [s for s in ckpt.store.saves() if s.kind == "full"][-1].parts[domain_part(dist.get_rank())].nbytes
     return {"saved": saved, "before": before, "after": _state(ckpt), "position": (position, reader.state_dict()),
-            "step": result.step, "own_bytes": ckpt.tables.nbytes(), "loaded_bytes": ckpt.ledger.failures[0].loaded_bytes,
+            "step": result.step, "own_bytes": own_bytes, "loaded_bytes": ckpt.ledger.failures[0].loaded_bytes,
             "report_failures": report["failures"], "holds": sorted(ckpt.tables.tables)}
+
+
+def dcp_layout(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Train to step 8 (a full save there); every state-dict entry as this rank holds it: (first row, rows)."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "full")
+    _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
+    ckpt.flush()
+    state = {}
+    for key, value in model.state_dict().items():
+        shards = value.local_shards() if hasattr(value, "local_shards") else None
+        state[key] = ([(s.metadata.shard_offsets[0], s.tensor.clone()) for s in shards] if shards is not None
+                      else [(0, value.clone())])
+    newest = [s for s in ckpt.store.saves() if s.kind == "full"][-1]
+    return {"state": state, "save": str(newest.folder), "step": newest.step}
 
 
 def full(out: Path, sharding: str, failed: int) -> dict[str, Any]:

@@ -84,8 +84,8 @@ CHILD = textwrap.dedent("""
                            interval_steps=2)
     real_write = tensor_io.write_tensors
 
-    def write_then_stall(path, tensors, *codecs):
-        entries = real_write(path, tensors, *codecs)
+    def write_then_stall(path, tensors, *args, **kwargs):
+        entries = real_write(path, tensors, *args, **kwargs)
         print("mid-save", flush=True)  # the parent kills us here, in the background write
         time.sleep(60)
         return entries

@@ -70,13 +70,14 @@ def test_a_restore_never_reads_more_than_twice_a_full_save(process_group, tmp_pa
     model, optimizer, ckpt = _job(process_group, tmp_path, rows, interval_steps=2)
     gen = torch.Generator().manual_seed(2)
     kinds = []
-    for _ in range(40):
+    # A full save's tensors carry their torch.save frames (DCP format), so the chain takes a while to fill.
+    for _ in range(100):
         train_step(model, optimizer, ckpt, make_batch(gen, rows=rows))
         assert _chain_ratio(ckpt) <= 2.0
         newest = ckpt.store.saves()[-1]
         if newest.step == ckpt.global_step:
             kinds.append(newest.kind)
-    assert len(kinds) == 20  # a save every 2 steps, as the policy planned: a differential counts as its full save
+    assert len(kinds) == 50  # a save every 2 steps, as the policy planned: a differential counts as its full save
     assert "subset" in kinds and kinds.count("full") >= 2  # the bound forced real full saves between chains
 
 

@@ -56,6 +56,28 @@ def test_partial_recovery_restores_only_the_failed_ranks_rows(tmp_path, world_si
     assert all(r["report_failures"] == report for r in ranks)
 
 
+def test_a_two_rank_full_save_loads_into_one_process_with_dcp(tmp_path, process_group):
+    """DCP reshards the row-wise chunks two ranks wrote into the whole tables of a one-process model."""
+    import torch.distributed.checkpoint as dcp
+
+    from dlrm.data.schema import SPARSE_NAMES
+    from dlrm.model import MODEL_CONFIGS, build_model, wrap_dmp
+
+    ranks = spawn(tmp_path, "dcp_layout", 2, "row_wise")
+    assert ranks[0]["save"] == ranks[1]["save"] and ranks[0]["step"] == 2 * multirank_worker.INTERVAL
+    torch.manual_seed(123)
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [multirank_worker.ROWS_PER_TABLE] * len(SPARSE_NAMES),
+                                 SPARSE_NAMES), torch.device("cpu"), "rowwise_adagrad", 0.05)
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=ranks[0]["save"])
+    assert state.keys() == ranks[0]["state"].keys()
+    for key, value in model.state_dict().items():
+        whole = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+        pieces = [piece for r in ranks for piece in r["state"][key]]
+        for first, rows in pieces:
+            assert torch.equal(whole[first:first + len(rows)] if whole.dim() else whole, rows), key
+
+
 @pytest.mark.parametrize("world_size, sharding", [(2, "table_wise"), (3, "row_wise")])
 def test_full_recovery_equals_the_run_without_failures(tmp_path, world_size, sharding):
     for rank, r in enumerate(spawn(tmp_path, "full", world_size, sharding, failed=1)):

@@ -1,12 +1,14 @@
 """Exceptions raised by the checkpoint store."""
 from pathlib import Path
 
+from . import location
+
 
 class CorruptCheckpointError(RuntimeError):
     """A save folder whose manifest or tensor file is missing, truncated, malformed, or fails its checksum."""
 
     def __init__(self, folder: Path, file: str, reason: str):
-        self.folder = Path(folder)
+        self.folder = location.folder(folder)
         self.file = file
         self.reason = reason
         super().__init__(f"corrupt checkpoint {self.folder}: {file}: {reason}")

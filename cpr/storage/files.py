@@ -3,6 +3,7 @@
 Metadata names a file; a tampered or damaged name must not make the loader read elsewhere (`..`, absolute
 paths, symbolic links) or block (a FIFO or a device). The folder itself is opened without following a
 symbolic link and the file relative to it, so neither component can lead out of the checkpoint directory.
+A folder of an fsspec filesystem (location.py) is read through fsspec under the same name and size rules.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import errno
 import os
 import re
 import stat
-from pathlib import Path
 
 from .errors import CorruptCheckpointError
+from .location import Folder, RemoteFolder
 
 # A single path component of safe characters that is not hidden, "." or "..".
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
@@ -29,7 +30,7 @@ def plain_name_problem(name: object) -> str | None:
     return None
 
 
-def read_file(folder: Path, name: str, *, size: int | None = None, max_size: int | None = None,
+def read_file(folder: Folder, name: str, *, size: int | None = None, max_size: int | None = None,
               offset: int = 0, length: int | None = None) -> bytearray:
     """The bytes of regular file `name` directly inside `folder`, which must be exactly `size` bytes, or at
     most `max_size`: all of them, or `length` bytes from `offset` (one tensor of a part's file).
@@ -40,6 +41,8 @@ def read_file(folder: Path, name: str, *, size: int | None = None, max_size: int
     problem = plain_name_problem(name)
     if problem:
         raise CorruptCheckpointError(folder, str(name)[:80], problem)
+    if isinstance(folder, RemoteFolder):
+        return _read_remote(folder, name, size, max_size, offset, length)
     try:
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
@@ -80,6 +83,34 @@ def read_file(folder: Path, name: str, *, size: int | None = None, max_size: int
     if done != len(buffer) or extra:
         raise CorruptCheckpointError(folder, name, f"changed size while being read ({info.st_size} bytes at open)")
     return buffer
+
+
+def _read_remote(folder: RemoteFolder, name: str, size: int | None, max_size: int | None, offset: int,
+                 length: int | None) -> bytearray:
+    """`read_file` for a folder of an fsspec filesystem: the same size rules; only files are read."""
+    path = folder / name
+    try:
+        info = folder.fs.info(path.path)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(folder, name, "file missing") from e
+    if info.get("type") != "file":
+        raise CorruptCheckpointError(folder, name, f"is {info.get('type')}, not a file")
+    actual = int(info["size"])
+    if size is not None and actual != size:
+        raise CorruptCheckpointError(folder, name, f"size {actual} bytes, manifest says {size}")
+    if max_size is not None and actual > max_size:
+        raise CorruptCheckpointError(folder, name, f"size {actual} bytes exceeds the limit of {max_size}")
+    length = actual - offset if length is None else length
+    if offset + length > actual:
+        raise CorruptCheckpointError(folder, name, f"size {actual} bytes, too short for {length} bytes at offset "
+                                     f"{offset}")
+    try:
+        data = folder.fs.cat_file(path.path, start=offset, end=offset + length)
+    except OSError as e:
+        raise CorruptCheckpointError(folder, name, f"unreadable: {e}") from e
+    if len(data) != length:
+        raise CorruptCheckpointError(folder, name, f"changed size while being read ({actual} bytes at first)")
+    return bytearray(data)
 
 
 def _reason(error: OSError) -> str:

@@ -1,7 +1,8 @@
 """The metadata of one save: small dataclasses serialised to `manifest.json`.
 
-The manifest is the only thing read to decide what a save holds; tensor files are raw bytes whose dtype,
-shape, size and crc32 are recorded here, so loading never unpickles anything. The metadata is verified like
+The manifest is the only thing read to decide what a save holds; tensor files hold each tensor's bytes
+(bare, or inside a torch.save record at a recorded offset) whose dtype, shape, size and crc32 are recorded
+here, so loading never unpickles anything. The metadata is verified like
 the data: it carries a sha256 of its own content, and every field is checked for type and range when read.
 Any defect, whatever it is, raises CorruptCheckpointError naming the save folder and the reason, so the
 store can fall back to an older save.
@@ -18,11 +19,13 @@ from typing import Any
 
 import torch
 
-from . import codecs, files
+from . import codecs, files, location
+from .location import Folder
 from .errors import CorruptCheckpointError
 
-# 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec
-FORMAT_VERSION = 4
+# 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec;
+# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint)
+FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
 CHECKSUM_FIELD = "checksum"
@@ -74,6 +77,9 @@ class TensorEntry:
     checksum: int  # zlib.crc32 of the tensor's bytes
     offset: int = 0  # where the tensor's bytes start in `file` (a part keeps all its tensors in one file)
     codec: str = "raw"  # see codecs.py: "raw" (the tensor's own bytes), "int8" or "int4" (row-wise quantized)
+    # Where the codec's bytes start inside the tensor's `nbytes`: 0 when they are all of them, else the storage
+    # record of a torch.save serialization (see tensor_io.py), read by offset without unpickling anything.
+    payload_offset: int = 0
 
 
 @dataclass
@@ -115,7 +121,6 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, folder: Path) -> Manifest:
         """Parse and verify a manifest; any defect raises CorruptCheckpointError naming the save and the reason."""
-        folder = Path(folder)
         data = strict_json(text, folder, MANIFEST_FILE)
         try:
             return cls._from_checked(data, folder)
@@ -123,8 +128,9 @@ class Manifest:
             raise CorruptCheckpointError(folder, MANIFEST_FILE, str(e)) from None
 
     @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        return cls.from_json(read_text(Path(folder), MANIFEST_FILE), Path(folder))
+    def read(cls, folder: Folder | str) -> Manifest:
+        folder = location.folder(folder)
+        return cls.from_json(read_text(folder, MANIFEST_FILE), folder)
 
     @classmethod
     def _from_checked(cls, data: Any, folder: Path) -> Manifest:
@@ -162,7 +168,7 @@ class Manifest:
         )
 
 
-def read_text(folder: Path, file: str) -> str:
+def read_text(folder: Folder, file: str) -> str:
     """A metadata file of a save folder as text: a regular file inside it, bounded in size, UTF-8."""
     raw = files.read_file(folder, file, max_size=MAX_MANIFEST_BYTES)
     try:
@@ -348,12 +354,16 @@ def _tensor_entry(index: int, raw: Any) -> TensorEntry:
     if problem:
         raise _Defect(f"{what} ({name!r}).codec: {problem}")
     nbytes = _int(entry["nbytes"], f"{what}.nbytes")
-    if nbytes != codecs.stored_nbytes(codec, DTYPES[dtype], shape):
-        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)} as {codec}")
+    payload_offset = _int(entry["payload_offset"], f"{what}.payload_offset")
+    payload = codecs.stored_nbytes(codec, DTYPES[dtype], shape)
+    fits = nbytes == payload if payload_offset == 0 else payload_offset + payload <= nbytes
+    if not fits:
+        raise _Defect(f"{what} ({name!r}): {nbytes} bytes do not hold {dtype}{list(shape)} as {codec} at offset "
+                      f"{payload_offset}")
     checksum = _int(entry["checksum"], f"{what}.checksum", high=_CRC32_MAX)
     offset = _int(entry["offset"], f"{what}.offset")
     return TensorEntry(name=name, file=entry["file"], dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum,
-                       offset=offset, codec=codec)
+                       offset=offset, codec=codec, payload_offset=payload_offset)
 
 
 def _check_tiling(tensors: list[TensorEntry]) -> None:

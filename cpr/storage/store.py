@@ -7,13 +7,16 @@ A save is `DIR/save-<step:010d>-<kind>/`. It holds one folder per *part* and `co
   process holds the domain, in parallel with the others;
 * `dense/`: dense parameters, dense optimizer state and RNG, written once (by the coordinator).
 
-A part is a folder with `manifest.json` and `tensors.bin`, its tensors' raw bytes back to back (see
-`manifest.py`, `tensor_io.py`): one file and one fsync per part whatever the number of tables.
-Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and folder. Only when
-every part is durable does the coordinator write `commit.json` (naming each part with the crc32 of its
-manifest), fsync it, rename the staging folder into place and fsync `DIR`, as DCP writes its metadata
-last: a save either is complete under its final name or does not exist. Deletion renames to
-`DIR/.trash-...` before removing, for the same reason.
+A part is a folder with `manifest.json` and `tensors.bin`, its tensors back to back (see `manifest.py`,
+`tensor_io.py`): one file and one fsync per part whatever the number of tables. In a full save each tensor
+is a torch.save record and the save folder is also a torch.distributed.checkpoint checkpoint
+(`dcp_format.py`): its `.metadata` is written by the coordinator at commit, before `commit.json`.
+Writers stage their parts under `DIR/.tmp-save-...-<token>/`, fsyncing every file and part folder. Only
+when every part is durable does the coordinator write `.metadata` and `commit.json` (naming each part with
+the crc32 of its manifest), fsync them and the staging folder (every part's entry in it), rename the staging
+folder into place and fsync `DIR`, as DCP writes its metadata last: a save either is complete under its
+final name or does not exist. Deletion renames to `DIR/.trash-...` before removing, for the same reason.
+`DIR` may also be an fsspec URL (see location.py).
 
 One job per directory: the coordinator's store holds the directory's lock (see lock.py), and only
 temporary folders of this job or of a dead one are removed.
@@ -24,20 +27,20 @@ import json
 import numbers
 import os
 import re
-import shutil
 import time
 import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import tensor_io
+from . import location, tensor_io
+from .dcp_format import CHUNKS, Chunk, write_metadata
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
+from .location import Folder
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
 from .manifest import (
     CHECKSUM_FIELD,
@@ -91,6 +94,8 @@ class PartContent:
     rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready data of the writer, kept in the manifest
     codecs: Mapping[str, str] = field(default_factory=dict)  # tensor name -> codec when not "raw" (see codecs.py)
+    # tensor name -> the state-dict entry it is a chunk of, for the DCP metadata of a full save (see dcp_format.py)
+    chunks: Mapping[str, Chunk] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class SaveInfo:
     extra: dict[str, Any]
     created: float
     format_version: int = COMMIT_VERSION
-    folder: Path | None = field(default=None, compare=False)
+    folder: Folder | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +125,7 @@ class SaveInfo:
         return json.dumps(sealed(data, f"commit record of step {self.step}"), indent=1, sort_keys=True)
 
     @classmethod
-    def read(cls, folder: Path) -> SaveInfo:
+    def read(cls, folder: Folder) -> SaveInfo:
         """Parse and verify `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
         data = verify_sealed(strict_json(read_text(folder, COMMIT_FILE), folder, COMMIT_FILE), COMMIT_VERSION,
                              folder, COMMIT_FILE)
@@ -157,7 +162,7 @@ class SaveInfo:
 class SaveRecord:
     """What one committed save wrote and how long the commit took."""
 
-    path: Path
+    path: Folder
     step: int
     kind: str
     nbytes: int
@@ -175,14 +180,6 @@ class LoadedPart:
 
 def save_folder_name(step: int, kind: str) -> str:
     return f"save-{step:010d}-{kind}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_layout(kind: str, tensors: Mapping[str, torch.Tensor], tables: Mapping[str, TableMeta]) -> None:
@@ -258,19 +255,21 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike, keep_last: int = 3, lock: bool = True) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.directory = Path(directory)
+        self.directory = location.folder(directory)
         self.keep_last = keep_last
         probe = self.directory / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
+            with location.create(probe) as f:
                 f.write(b"probe")
-                os.fsync(f.fileno())
+                location.make_durable(f)
             probe.unlink()
         except OSError as e:
             raise UnwritableDirectoryError(f"checkpoint directory {self.directory} is not writable: {e}") from e
-        self._lock = DirectoryLock.acquire(self.directory) if lock else None
-        self.token = self._lock.token if self._lock else job_token(self.directory)
+        # A remote folder has no lock (see location.py): its runs are told apart by a fresh token each.
+        remote = isinstance(self.directory, location.RemoteFolder)
+        self._lock = DirectoryLock.acquire(self.directory) if lock and not remote else None
+        self.token = self._lock.token if self._lock else uuid.uuid4().hex[:16] if remote else job_token(self.directory)
         if self._lock is not None:
             self._remove_stale()
 
@@ -286,7 +285,7 @@ class CheckpointStore:
         under the coordinator's."""
         return writer_tag(self.token)
 
-    def stage(self, step: int, kind: str, tag: str) -> Path:
+    def stage(self, step: int, kind: str, tag: str) -> Folder:
         """The staging folder of a save; every writer of the save passes the same `tag` (see `writer_tag`)."""
         if kind not in SAVE_KINDS:
             raise ValueError(f"kind must be one of {SAVE_KINDS}, got {kind!r}")
@@ -296,7 +295,7 @@ class CheckpointStore:
         staging.mkdir(exist_ok=True)
         return staging
 
-    def write_part(self, staging: Path, part: str, step: int, kind: str, policy: str,
+    def write_part(self, staging: Folder, part: str, step: int, kind: str, policy: str,
                    content: PartContent) -> PartRecord:
         """Write one part into `staging` and make it durable; a failure removes what this part wrote."""
         tables = {name: meta if isinstance(meta, TableMeta) else TableMeta(**meta) for name, meta in content.tables.items()}
@@ -306,26 +305,30 @@ class CheckpointStore:
         folder = staging / part
         try:
             folder.mkdir()
-            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs)
+            # Full saves are DCP checkpoints: each tensor a torch.save serialization (see dcp_format.py).
+            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs,
+                                              torch_save=kind == "full")
+            extra = {**content.extra, "part": part}
+            if content.chunks:
+                extra[CHUNKS] = {name: chunk.to_json() for name, chunk in content.chunks.items()}
             manifest = Manifest(
                 step=step, policy=policy, kind=kind, tables=tables, shards={t: [r] for t, r in rows.items()},
-                tensors=entries, extra={**content.extra, "part": part}, created=time.time(), nbytes=sum(e.nbytes for e in entries),
+                tensors=entries, extra=extra, created=time.time(), nbytes=sum(e.nbytes for e in entries),
             )
             text = manifest.to_json().encode()
-            with open(folder / MANIFEST_FILE, "wb") as f:
+            with location.create(folder / MANIFEST_FILE) as f:
                 f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(folder)
-            _fsync_dir(staging)
+                location.make_durable(f)
+            # The staging folder's own entry for this part is made durable once, by the commit (below).
+            location.sync_folder(folder)
         except BaseException as e:
-            shutil.rmtree(folder, ignore_errors=True)
+            location.remove_tree(folder)
             e.add_note(f"writing part {part} of the step-{step} {kind} save in {staging} failed; earlier saves in "
                        f"{self.directory} are untouched")
             raise
         return PartRecord(checksum=zlib.crc32(text), nbytes=manifest.nbytes)
 
-    def commit(self, staging: Path, step: int, kind: str, policy: str, parts: Mapping[str, PartRecord],
+    def commit(self, staging: Folder, step: int, kind: str, policy: str, parts: Mapping[str, PartRecord],
                world_size: int = 1, domain_mode: str = "virtual", num_domains: int = 1,
                extra: Mapping[str, Any] | None = None) -> SaveRecord:
         """Write the commit record last and move the save into place; then apply retention.
@@ -343,15 +346,17 @@ class CheckpointStore:
                         num_domains=num_domains, parts=dict(parts), extra=extra, created=time.time())
         final = self.directory / save_folder_name(step, kind)
         try:
-            with open(staging / COMMIT_FILE, "w") as f:
-                f.write(info.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(staging)
+            if kind == "full":  # DCP's metadata, from every rank's parts, before the commit record
+                write_metadata(staging, {part: self._part_manifest(staging / part, record)[0]
+                                         for part, record in parts.items()}, str(final))
+            with location.create(staging / COMMIT_FILE) as f:
+                f.write(info.to_json().encode())
+                location.make_durable(f)
+            location.sync_folder(staging)  # every part's folder entry and the commit record's, in one fsync
             if final.exists():
                 self._delete(final)
-            os.rename(staging, final)
-            _fsync_dir(self.directory)
+            location.rename(staging, final)
+            location.sync_folder(self.directory)
         except BaseException as e:
             self.abandon(staging)
             e.add_note(f"committing the step-{step} {kind} save to {final} failed; its staging folder was "
@@ -360,9 +365,9 @@ class CheckpointStore:
         self._apply_retention()
         return SaveRecord(final, step, kind, info.nbytes, time.perf_counter() - started)
 
-    def abandon(self, staging: Path) -> None:
+    def abandon(self, staging: Folder) -> None:
         """Remove a staging folder that will not be committed."""
-        shutil.rmtree(staging, ignore_errors=True)
+        location.remove_tree(staging)
 
     def save(self, step: int, kind: str, policy: str, parts: Mapping[str, PartContent],
              extra: Mapping[str, Any] | None = None, **commit_args: Any) -> SaveRecord:
@@ -375,7 +380,7 @@ class CheckpointStore:
             self.abandon(staging)
             raise
 
-    def discard_after(self, step: int) -> list[Path]:
+    def discard_after(self, step: int) -> list[Folder]:
         """Delete every save newer than `step` (e.g. after rolling back to it); returns what was deleted."""
         doomed = [path for path, save_step, _ in self._folders() if save_step > step]
         for path in doomed:
@@ -413,18 +418,24 @@ class CheckpointStore:
         if part not in save.parts:
             raise KeyError(f"save {save.folder} (step {save.step}, {save.kind}) has no part {part!r}")
         folder = save.folder / part
-        text = read_text(folder, MANIFEST_FILE)
-        if zlib.crc32(text.encode()) != save.parts[part].checksum:
-            raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
-        manifest = Manifest.from_json(text, folder)
+        manifest, manifest_bytes = self._part_manifest(folder, save.parts[part])
         entries = manifest.tensors if names is None else [manifest.entry(name) for name in names]
         tensors = {entry.name: tensor_io.read_tensor(folder, entry, file_size(manifest.tensors, entry.file))
                    for entry in entries}
-        return LoadedPart(manifest, tensors, len(text) + sum(entry.nbytes for entry in entries))
+        return LoadedPart(manifest, tensors, manifest_bytes + sum(entry.nbytes for entry in entries))
+
+    @staticmethod
+    def _part_manifest(folder: Folder, record: PartRecord) -> tuple[Manifest, int]:
+        """The verified manifest of the part in `folder`, whose commit record (or writer) says `record`, and
+        its size."""
+        text = read_text(folder, MANIFEST_FILE)
+        if zlib.crc32(text.encode()) != record.checksum:
+            raise CorruptCheckpointError(folder, MANIFEST_FILE, "crc32 differs from the commit record")
+        return Manifest.from_json(text, folder), len(text)
 
     # -- housekeeping ----------------------------------------------------------------------------------
 
-    def _folders(self) -> list[tuple[Path, int, str]]:
+    def _folders(self) -> list[tuple[Folder, int, str]]:
         """(path, step, kind) of every save folder, by step; full before subset at the same step."""
         found = []
         for path in self.directory.iterdir():
@@ -433,18 +444,18 @@ class CheckpointStore:
                 found.append((path, int(match[1]), match[2]))
         return sorted(found, key=lambda f: (f[1], f[2] != "full"))
 
-    def _delete(self, path: Path) -> None:
+    def _delete(self, path: Folder) -> None:
         # Renamed first so that a crash mid-removal never leaves a partial folder under a save name.
         trash = self.directory / f"{_TRASH_PREFIX}{path.name}-{writer_tag(self.token)}"
-        os.rename(path, trash)
-        _fsync_dir(self.directory)
-        shutil.rmtree(trash)
+        location.rename(path, trash)
+        location.sync_folder(self.directory)
+        location.remove_tree(trash, ignore_errors=False)
 
     def _remove_stale(self) -> None:
         """Remove temp and trash folders left by this process or by a run killed mid-save or mid-delete."""
         names = [path.name for path in self.directory.iterdir() if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX))]
         for name in abandoned(self.directory, names, self.token):
-            shutil.rmtree(self.directory / name, ignore_errors=True)
+            location.remove_tree(self.directory / name)
 
     def _apply_retention(self) -> None:
         folders = self._folders()

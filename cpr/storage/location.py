@@ -1,0 +1,117 @@
+"""Where saves live: a local folder, or a folder of an fsspec filesystem named by a URL (`memory://ckpt`,
+`s3://bucket/ckpt`, ...), as torch.distributed.checkpoint's FsspecWriter/FsspecReader take them.
+
+A local folder (a path, or a `file://` URL, which fsspec also maps to local files) keeps the fast, guarded
+path: files are fsynced, folders too, renames are atomic, reads open only regular files without following
+links (files.py), and the directory's lock (lock.py) keeps one run per folder. A remote folder is reached
+through fsspec with the same layout and the same checks on everything read; what it cannot give: files are
+durable when closed (no fsync), a rename is whatever the filesystem makes of it (a copy on object stores: a
+commit interrupted mid-copy leaves a save that fails its checks and is skipped), and there is no lock, so
+one run per remote folder is the user's to ensure (stale temporary folders of dead runs are not removed).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class RemoteFolder:
+    """A folder of an fsspec filesystem, with the few `pathlib.Path` operations the store uses."""
+
+    fs: Any  # fsspec.AbstractFileSystem
+    path: str
+
+    def __truediv__(self, name: str) -> RemoteFolder:
+        return RemoteFolder(self.fs, f"{self.path.rstrip('/')}/{name}")
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        if self.fs.exists(self.path):
+            if not exist_ok:
+                raise FileExistsError(str(self))
+            return
+        self.fs.makedirs(self.path, exist_ok=True)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.path)
+
+    def iterdir(self) -> list[RemoteFolder]:
+        return [RemoteFolder(self.fs, entry.rstrip("/")) for entry in self.fs.ls(self.path, detail=False)]
+
+    def unlink(self) -> None:
+        self.fs.rm_file(self.path)
+
+
+Folder = Path | RemoteFolder
+
+
+def folder(location: str | os.PathLike | RemoteFolder) -> Folder:
+    """The folder a checkpoint location names: a local path (also for `file://` URLs) or a RemoteFolder."""
+    if isinstance(location, RemoteFolder):
+        return location
+    text = os.fspath(location)
+    if "://" not in text:
+        return Path(text)
+    fs, path = fsspec.core.url_to_fs(text)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    return RemoteFolder(fs, path)
+
+
+def create(path: Folder) -> IO[bytes]:
+    """A new file at `path`, open for writing bytes."""
+    return path.fs.open(path.path, "wb") if isinstance(path, RemoteFolder) else open(path, "wb")
+
+
+def make_durable(file: IO[bytes]) -> None:
+    """Flush a file made by `create` to its storage: fsync for a local file; a remote one is durable once
+    closed."""
+    file.flush()
+    if isinstance(file, io.BufferedWriter):  # what `open` gives for a local file
+        os.fsync(file.fileno())
+
+
+def sync_folder(path: Folder) -> None:
+    """Make a folder's entries (files created or renamed in it) durable; nothing to do remotely."""
+    if isinstance(path, RemoteFolder):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename(source: Folder, target: Folder) -> None:
+    if isinstance(source, RemoteFolder):
+        source.fs.mv(source.path, target.path, recursive=True)
+    else:
+        os.rename(source, target)
+
+
+def remove_tree(path: Folder, ignore_errors: bool = True) -> None:
+    if isinstance(path, RemoteFolder):
+        try:
+            path.fs.rm(path.path, recursive=True)
+        except OSError:
+            if not ignore_errors:
+                raise
+    else:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
