@@ -81,11 +81,21 @@ class ElasticJob:
         try:
             self._form(has_state=False, dropped_steps=0)
         except RuntimeError as err:  # a rank died before the job's first save committed
+            if isinstance(err, MembershipError) or not is_peer_failure(err):
+                raise
             self._heal(err, has_state=False, dropped_steps=0)
 
     @property
     def step(self) -> int:
         return self.ckpt.global_step
+
+    def report(self) -> dict:
+        """The job's accounting (`CPRCheckpointer.report`, collective), and this rank's work is done: should
+        its process die from here on (while exiting, say), the supervisor does not replace it."""
+        report = self.ckpt.report()
+        if self.membership is not None:
+            self.membership.mark_finished()
+        return report
 
     @contextmanager
     def training_step(self) -> Iterator[None]:

@@ -12,6 +12,7 @@ Store keys (all small strings):
   here/<g>/<rank>     the rank arrived for generation g
   progress/<rank>     the rank's "updates,unsaved" after its last finished step (what its death loses)
   kill/<step>:<rank>  an injected kill that already happened (each happens once)
+  finished/<rank>     the rank's work is done: its process ending now, however, is not a failure
   stop                why a supervisor stopped the job (workers waiting for a generation give up)
 """
 from __future__ import annotations
@@ -149,6 +150,10 @@ class Membership:
             return 0, 0
         updates, unsaved = self.store.get(f"progress/{rank}").decode().split(",")
         return int(updates), int(unsaved)
+
+    def mark_finished(self) -> None:
+        """This rank's work is done (see `Supervisor`: a later death is not replaced)."""
+        self.store.set(f"finished/{self.rank}", "1")
 
     def claim_kill(self, step: int) -> bool:
         """True once per (step, rank): whether the injected kill of this rank at `step` is still to happen

@@ -133,6 +133,10 @@ class Supervisor:
             if code is None:
                 continue
             del self._workers[rank]
+            if code != 0 and self.store.check([f"finished/{rank}"]):
+                print(f"supervisor: rank {rank} ended with code {code} after finishing its work; not replaced",
+                      file=sys.stderr, flush=True)
+                code = 0
             if code == 0:
                 finished.add(rank)
             else:

@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **result.summary(),
         "data_source": dataset.source,
         "rows_skipped": dataset.stats.rows_skipped,
-        **ckpt.report(),
+        **job.report(),
     }
     if ckpt.coordinator.is_coordinator:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -68,7 +68,7 @@ while job.step < args.steps:  # CPR: the step survives recoveries
         job.ckpt.step()  # CPR: saves as the policy plans
     if rank == 0 and job.step % 50 == 0:
         print(f"step {job.step} loss {float(loss):.4f}", flush=True)
-report = job.ckpt.report()  # CPR
+report = job.report()  # CPR
 if rank == 0:
     print(f"done: {job.step} steps, {len(report['recoveries'])} recoveries "
           + ", ".join(f"(rank {r['rank']} at step {r['step']}: {r['kind']}, replacement read {r['bytes_read']:,} bytes, "
