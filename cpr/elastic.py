@@ -27,7 +27,7 @@ from torch import nn
 from torchrec.distributed import collective_utils as torchrec_collectives
 
 from cpr.accounting import RecoveryRecord
-from cpr.checkpointer import CPRCheckpointer, RejoinResult
+from cpr.checkpointer import CPRCheckpointer, RecoveryError, RejoinResult
 from cpr.comm import CoordinationError
 from cpr.membership import Membership, MembershipError
 
@@ -139,7 +139,9 @@ class ElasticJob:
                 self.heals += 1
                 return
             except RuntimeError as err:
-                if isinstance(err, MembershipError) or not is_peer_failure(err):
+                # Whatever forming the group raised (a dead peer surfaces as gloo, store or c10d errors alike),
+                # a death reported meanwhile explains it; the loop waits for one and re-raises without.
+                if isinstance(err, (MembershipError, RecoveryError)):
                     raise
                 error = err
                 has_state = has_state and self.ckpt is not None
