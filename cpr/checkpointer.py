@@ -640,20 +640,26 @@ class CPRCheckpointer:
         dense.restore(loaded[DENSE_PART].tensors, self.model, self.optimizer, self.tables)
 
     def _recover_full(self, failed_shards: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult:
-        failed_at = self.global_step
+        events, _ = self._roll_back_for(failed_shards, self.global_step, saves)
+        return RecoveryResult("full", self.global_step, events)
+
+    def _roll_back_for(self, failed: Sequence[int], failed_at: int,
+                       saves: Sequence[SaveInfo]) -> tuple[tuple[FailureEvent, ...], int]:
+        """Full recovery from the failure of domains `failed` after `failed_at` steps: roll back and record it
+        (the lost steps and the job's bytes read go to the first failure); (the events, bytes read here)."""
         rolled_back = self._rollback(saves)
         if rolled_back is None:
             raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
         step, loaded_here = rolled_back
         loaded_bytes = int(self.coordinator.sum(loaded_here))
         events = tuple(
-            FailureEvent(failed_at, shard, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0,
+            FailureEvent(failed_at, domain, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0,
                          loaded_bytes=loaded_bytes if i == 0 else 0)
-            for i, shard in enumerate(failed_shards)
+            for i, domain in enumerate(failed)
         )
         for event in events:
             self.ledger.record_failure(event)
-        return RecoveryResult("full", self.global_step, events)
+        return events, loaded_here
 
     def _restore_domain(self, shard: int, saves: Sequence[SaveInfo]) -> tuple[int, int, int]:
         """Reload domain `shard`'s newest saved rows here; (lost updates, oldest restored step, bytes read)."""
@@ -723,13 +729,13 @@ class CPRCheckpointer:
         save. With no survivor at all the job restarts from its newest full save (or its initial state).
         """
         states = self.coordinator.all_gather((has_state, self.global_step))
-        self._settle_interrupted_save()
+        saves = self.store.saves()  # every survivor has finished its commit attempt: the folder is settled
+        self._settle_interrupted_save(saves)
         self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
         survivors = [rank for rank, (alive, _) in enumerate(states) if alive]
         replaced = tuple(rank for rank, (alive, _) in enumerate(states) if not alive)
         if not has_state and self.coordinator.rank in replaced_progress:
             self.ledger.total_updates = replaced_progress[self.coordinator.rank][0]
-        saves = self.store.saves()
         if not survivors:
             rolled_back = self._rollback(saves, resume=True)
             if rolled_back is None:
@@ -741,16 +747,8 @@ class CPRCheckpointer:
         self.ledger.adopt_events(self.coordinator.broadcast(self.ledger, src=source))
         failed_at = states[source][1]
         if self.policy.recovery == "full":
-            rolled_back = self._rollback(saves)
-            if rolled_back is None:
-                raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
-            step, bytes_read = rolled_back
-            loaded = int(self.coordinator.sum(bytes_read))
-            for i, rank in enumerate(replaced):
-                self.ledger.record_failure(FailureEvent(failed_at, rank, "full", step, lost_updates=0,
-                                                        lost_steps=failed_at - step if i == 0 else 0,
-                                                        loaded_bytes=loaded if i == 0 else 0))
-            return RejoinResult("full", step, failed_at, bytes_read, replaced)
+            _, bytes_read = self._roll_back_for(replaced, failed_at, saves)
+            return RejoinResult("full", self.global_step, failed_at, bytes_read, replaced)
         if self.policy.recovery == "none":
             raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint: rank(s) {list(replaced)} cannot be restored")
         live = self.coordinator.broadcast(self._live_state() if self.coordinator.rank == source else None, src=source)
@@ -771,14 +769,14 @@ class CPRCheckpointer:
                 lost_updates=replaced_progress.get(rank, (0, 0))[1], lost_steps=0, loaded_bytes=gathered[rank][1][0]))
         return RejoinResult("partial", failed_at, failed_at, outcome[0], replaced)
 
-    def _settle_interrupted_save(self) -> None:
-        """The save that was in flight when the group broke committed everywhere or nowhere: the folder says
-        which (every survivor has finished its commit attempt when this runs)."""
+    def _settle_interrupted_save(self, saves: Sequence[SaveInfo]) -> None:
+        """The save that was in flight when the group broke committed everywhere or nowhere: `saves`, the
+        folder's committed saves, say which."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         step, kind = pending.decision.step, pending.decision.kind
-        committed = next((s for s in self.store.saves() if (s.step, s.kind) == (step, kind)), None)
+        committed = next((s for s in saves if (s.step, s.kind) == (step, kind)), None)
         if committed is not None:
             self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
             return
@@ -789,12 +787,11 @@ class CPRCheckpointer:
 
     def _live_state(self) -> dict[str, Any]:
         """What a replacement takes from a survivor: everything but the rows, as training has it now."""
-        policy_state = self.policy.state_dict()
         return {
             "step": self.global_step,
             "reader": self.reader.state_dict() if self.reader is not None else None,
             "dense": dense.capture(self.model, self.optimizer, self.tables),
-            "policy": policy_state,
+            "policy": self.policy.state_dict(),
         }
 
     def _adopt_live_state(self, live: Mapping[str, Any], saves: Sequence[SaveInfo]) -> tuple[int, int]:

@@ -181,6 +181,7 @@ class ElasticJob:
         done = ckpt.coordinator.all_gather((times["restored"], result.bytes_read, ckpt.tables.nbytes(), dropped_steps, times))
         survivors = [rank for rank in range(len(done)) if rank not in result.replaced]
         last = max((r.generation for r in ckpt.ledger.recoveries), default=0)
+        dropped = max(d[3] for d in done)
         for death in self.membership.deaths_since(last):
             own = done[death.rank][4]
             noticed = [done[r][4]["noticed"] for r in survivors if done[r][4]["noticed"] is not None]
@@ -192,13 +193,13 @@ class ElasticJob:
                 "restore": max(d[4]["restored"] - d[4]["built"] for d in done),
             }
             record = RecoveryRecord(
-                rank=death.rank, step=result.failed_at + max(d[3] for d in done), kind=result.kind,
+                rank=death.rank, step=result.failed_at + dropped, kind=result.kind,
                 generation=death.generation,
                 seconds_to_resume=max((done[r][0] for r in survivors), default=done[death.rank][0]) - death.time,
                 seconds_to_rejoin=done[death.rank][0] - death.time,
                 bytes_read=done[death.rank][1], own_bytes=done[death.rank][2],
                 survivor_bytes_read=sum(done[r][1] for r in survivors),
-                dropped_steps=max(d[3] for d in done), resumed_at=result.step, phases=phases,
+                dropped_steps=dropped, resumed_at=result.step, phases=phases,
             )
             ckpt.ledger.record_recovery(record)
             if ckpt.coordinator.is_coordinator:

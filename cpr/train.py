@@ -288,22 +288,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             joining=joining,
         )
 
+    try:
+        job = ElasticJob(build, checkpointer, membership)
+    except UnsupportedShardingError as err:
+        raise UsageError(str(err)) from None
     schedule = FailureSchedule.empty()
     # With --kill-at the kills are the experiment: emulated failures join in only when --failures asks for them.
     draw = args.failures != 0 and (args.failures is not None or args.real_failures or not args.kill_at)
     if args.policy != "none" and draw:
-        # The schedule's shards are the job's domains: the ranks, or the one-process run's emulated shards.
-        domains = world_size if world_size > 1 else (args.num_shards or profile.num_shards)
-        schedule = FailureSchedule.from_profile(dataclasses.replace(profile, num_shards=domains), total_steps,
-                                                seed=args.seed, count=args.failures)
+        schedule = FailureSchedule.from_profile(job.ckpt.profile, total_steps, seed=args.seed, count=args.failures)
     kills = parse_kills(args.kill_at)
     if args.real_failures:
         kills += [(failure.step, failure.shard) for failure in schedule]
         schedule = FailureSchedule.empty()
-    try:
-        job = ElasticJob(build, checkpointer, membership, kills)
-    except UnsupportedShardingError as err:
-        raise UsageError(str(err)) from None
+    job.kills = frozenset(kills)  # none falls before step 1: the job is built and its first save committed
     model, optimizer, ckpt = job.model, job.optimizer, job.ckpt
     coordinator = ckpt.coordinator
 
