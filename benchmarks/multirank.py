@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def worker(rank: int, world_size: int, folder: str, rows: int, steps: int, recoveries: int, domains: int) -> None:
     from cpr import CPRCheckpointer
+    from cpr.comm import release_process_group
     from cpr.loop import train
     from cpr.train import quiet_dependencies
     from dlrm.data import open_dataset
@@ -79,7 +80,8 @@ def worker(rank: int, world_size: int, folder: str, rows: int, steps: int, recov
             "read_ratio": statistics.median(loads) / own,
         }
         (out / "result.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    ckpt.close()
+    release_process_group()
 
 
 def measure(world_size: int, rows: int, steps: int, recoveries: int, domains: int) -> dict:

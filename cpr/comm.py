@@ -8,6 +8,7 @@ At world size 1 nothing is communicated.
 """
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -80,3 +81,17 @@ class Coordinator:
 
     def all_true(self, flag: bool) -> bool:
         return all(self.all_gather(bool(flag)))
+
+
+def release_process_group() -> None:
+    """Destroy the default process group and every group made from it, while the interpreter is whole.
+
+    Left to interpreter exit, a gloo group dies with the last object holding it (DMP, DDP's reducer, a
+    `Coordinator`), and its threads then release tensors while Python is half torn down: the process aborts
+    ("terminate called without an active exception", pytorch/pytorch#179291) after its work is done, and its
+    launcher sees a crash. Collecting garbage first frees the reference cycles (modules, optimizers,
+    closures) that keep a group alive, while that is still safe.
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

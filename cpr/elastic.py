@@ -28,7 +28,7 @@ from torchrec.distributed import collective_utils as torchrec_collectives
 
 from cpr.accounting import RecoveryRecord
 from cpr.checkpointer import CPRCheckpointer, RecoveryError, RejoinResult
-from cpr.comm import CoordinationError
+from cpr.comm import CoordinationError, release_process_group
 from cpr.membership import Membership, MembershipError
 
 # How long a rank whose collective failed waits for a supervisor to report a death before it takes the
@@ -96,6 +96,14 @@ class ElasticJob:
         if self.membership is not None:
             self.membership.mark_finished()
         return report
+
+    def close(self) -> None:
+        """Commit the save in flight, stop the checkpointer's writer and, in a supervised job, destroy the
+        process group the job formed (a caller's own group stays theirs). Call once training is done."""
+        self.ckpt.close()
+        if self.membership is not None:
+            self.model = self.optimizer = self.ckpt = None  # what holds the group goes before it
+            release_process_group()
 
     @contextmanager
     def training_step(self) -> Iterator[None]:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cpr.checkpointer import QUANTIZE_CHOICES, CPRCheckpointer, EarlierRunError, RecoveryError
-from cpr.comm import CoordinationError
+from cpr.comm import CoordinationError, release_process_group
 from cpr.elastic import ElasticJob
 from cpr.faults import FailureSchedule
 from cpr.loop import LR_DECAYS, MetricsLog, train
@@ -327,6 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if ckpt.coordinator.is_coordinator:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    job.close()
     return summary
 
 
@@ -408,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             CheckpointMismatchError, CoordinationError, DirectoryLockedError, EarlierRunError, MembershipError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        release_process_group()
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"wrote {Path(args.out) / 'summary.json'}")

@@ -73,3 +73,4 @@ if rank == 0:
     print(f"done: {job.step} steps, {len(report['recoveries'])} recoveries "
           + ", ".join(f"(rank {r['rank']} at step {r['step']}: {r['kind']}, replacement read {r['bytes_read']:,} bytes, "
                       f"survivors {r['survivor_bytes_read']:,})" for r in report["recoveries"]))
+job.close()  # CPR: commits the last save, leaves the process group

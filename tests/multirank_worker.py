@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cpr.comm import release_process_group
+
 ROWS_PER_TABLE = 300  # big enough that a part's manifest is small beside its rows
 STEPS = 12
 INTERVAL = 4
@@ -200,4 +202,4 @@ def main(rank: int, world_size: int, out: str, scenario: str, sharding: str, fai
         result = globals()[scenario](out_dir, sharding, failed)
         torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        release_process_group()

@@ -67,11 +67,14 @@ def test_partial_recovery_keeps_survivors_and_restores_the_replacements_rows(tmp
     # The survivor never reloaded: its rows and row-wise optimizer state are bit-identical across the heal.
     [survivor] = [h for h in heal_records(tmp_path) if h["rank"] == 0]
     assert survivor["kept_state"] and survivor["before"] == survivor["after"]
-    # The replacement holds the newest saved version of each of its rows (the full save of step 18).
+    # The replacement holds the newest saved version of each of its rows: of the full save of step 18, or,
+    # when that save was still being persisted as rank 1 died (a loaded machine), of step 12's: then the step
+    # 18 save was abandoned on every rank.
     joined = torch.load(tmp_path / "joined-1-1.pt")
     store = CheckpointStore(tmp_path / "checkpoints", keep_last=10, lock=False)
     saves = [s for s in store.saves() if s.step <= 19]
-    assert saves[-1].step == 18
+    abandoned = [f["step"] for f in summary["failed_saves"]]
+    assert (saves[-1].step, abandoned) in ((18, []), (12, [18])), (saves[-1].step, summary["failed_saves"])
     part = store.load_part(saves[-1], domain_part(1))
     rows = {table: tuple(ranges[0]) for table, ranges in part.manifest.shards.items() if ranges}
     states = {table: sorted(n.split("/")[1] for n in joined if n.startswith(f"{table}/") and n != f"{table}/weight")
@@ -88,7 +91,10 @@ def test_partial_recovery_keeps_survivors_and_restores_the_replacements_rows(tmp
 def test_full_recovery_equals_the_run_without_failures(tmp_path, no_failure_run):
     summary = summary_of(supervised(tmp_path, "--policy", "full", "--interval-steps", "8", "--kill-at", "21:1"), tmp_path)
     [recovery] = summary["recoveries"]
-    assert recovery["kind"] == "full" and recovery["resumed_at"] == 16 and recovery["survivor_bytes_read"] > 0
+    # Rolled back to the save of step 16, or of step 8 if step 16's was still being persisted as rank 1 died.
+    abandoned = [f["step"] for f in summary["failed_saves"]]
+    assert (recovery["resumed_at"], abandoned) in ((16, []), (8, [16])), (recovery, summary["failed_saves"])
+    assert recovery["kind"] == "full" and recovery["survivor_bytes_read"] > 0
     assert summary["logloss"] == pytest.approx(no_failure_run["logloss"], abs=1e-6)
     assert summary["auc"] == pytest.approx(no_failure_run["auc"], abs=1e-6)
 
