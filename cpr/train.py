@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -209,9 +210,8 @@ def validate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):  # its own name: every rank probes at once
+            pass
     except OSError as err:
         raise UsageError(f"--out {out}: not writable ({err.strerror or err})") from None
 
