@@ -403,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return supervise(args, [sys.executable, "-m", "cpr.train", *argv])
+    owns_group = not dist.is_initialized()  # a caller's process group (main called in-process) stays theirs
     try:
         summary = run(args)
     except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
@@ -410,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        release_process_group()
+        if owns_group:
+            release_process_group()
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"wrote {Path(args.out) / 'summary.json'}")
