@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,10 @@ class Manifest:
         return any(entry.name == name for entry in self.tensors)
 
     def to_json(self) -> str:
-        data = asdict(self)
-        del data["folder"]
+        # The records' fields taken one level deep: asdict's deep copies cost more than the rest of a subset save.
+        data: dict[str, Any] = {name: getattr(self, name) for name in _MANIFEST_FIELDS}
+        data["tables"] = {table: _fields(meta, _TABLE_FIELDS) for table, meta in self.tables.items()}
+        data["tensors"] = [_fields(entry, _ENTRY_FIELDS) for entry in self.tensors]
         data = sealed(data, f"manifest of step {self.step}")
         return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)  # compact: read per restore
 
@@ -213,7 +215,8 @@ def sealed(data: dict[str, Any], what: str) -> dict[str, Any]:
     """Metadata `data` with the checksum of its content added, for writing; ValueError naming `what` if the
     reader would refuse it for its nesting (what the reader would refuse is not written)."""
     try:
-        _check_depth(data)
+        # Only `extra` nests freely (at depth 2); the rest has the fixed depth of its schema.
+        _check_depth(data.get("extra", {}), depth=2)
     except _Defect as e:
         raise ValueError(f"{what}: {e}") from None
     return {**data, CHECKSUM_FIELD: content_checksum(data)}
@@ -228,9 +231,16 @@ def content_checksum(data: Mapping[str, Any]) -> str:
 
 # -- the typed schema --------------------------------------------------------------------------------------
 
-_MANIFEST_KEYS = frozenset(f.name for f in fields(Manifest) if f.name != "folder") | {CHECKSUM_FIELD}
-_TABLE_KEYS = frozenset(f.name for f in fields(TableMeta))
-_ENTRY_KEYS = frozenset(f.name for f in fields(TensorEntry))
+_MANIFEST_FIELDS = tuple(f.name for f in fields(Manifest) if f.name != "folder")
+_TABLE_FIELDS = tuple(f.name for f in fields(TableMeta))
+_ENTRY_FIELDS = tuple(f.name for f in fields(TensorEntry))
+_MANIFEST_KEYS = frozenset(_MANIFEST_FIELDS) | {CHECKSUM_FIELD}
+_TABLE_KEYS = frozenset(_TABLE_FIELDS)
+_ENTRY_KEYS = frozenset(_ENTRY_FIELDS)
+
+
+def _fields(record: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in names}
 
 
 class _Defect(Exception):
@@ -261,9 +271,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_depth(data: Any) -> None:
-    """Bound the nesting iteratively, before anything recursive (canonical JSON, asdict) sees the data."""
-    stack = [(data, 1)]
+def _check_depth(data: Any, depth: int = 1) -> None:
+    """Bound the nesting (of `data` at `depth`) iteratively, before anything recursive (canonical JSON, asdict)
+    sees the data."""
+    stack = [(data, depth)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
