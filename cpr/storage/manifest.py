@@ -24,8 +24,9 @@ from .location import Folder
 from .errors import CorruptCheckpointError
 
 # 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec;
-# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint)
-FORMAT_VERSION = 5
+# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint);
+# 6: int8 rows carry an fp16 scale and bias (fbgemm's n-bit "SBHalf" layout, as int4), not fp32 ones
+FORMAT_VERSION = 6
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
 CHECKSUM_FIELD = "checksum"
