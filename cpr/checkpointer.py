@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -121,6 +121,15 @@ class RecoveryResult:
 
 
 POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a full save
+
+
+class _SelectedRows(NamedTuple):
+    """A subset save's rows of one table: ascending local ids, their copied tensors by name, and each local
+    domain's [low, high) slice of both."""
+
+    ids: torch.Tensor
+    copies: dict[str, torch.Tensor]
+    cuts: dict[int, tuple[int, int]]
 
 
 @dataclass
@@ -382,32 +391,31 @@ class CPRCheckpointer:
         return SavePlan("subset", rows={t: ids for t, ids in dirty.items() if ids.numel()},
                         reason=f"differential: {decision.reason}", differential=True)
 
-    def _domain_part(self, domain: int, decision: SavePlan) -> PartContent | None:
-        """Domain `domain`'s rows (all of them, or the decision's subset) with their row-wise state; the
-        weights stored with `weight_codec`."""
+    def _domain_part(self, domain: int, decision: SavePlan,
+                     selected: Mapping[str, _SelectedRows]) -> PartContent | None:
+        """Domain `domain`'s rows (all of them, or its share of a subset's `selected` rows) with their
+        row-wise state; the weights stored with `weight_codec`."""
         tensors: dict[str, torch.Tensor] = {}
         tables: dict[str, TableMeta] = {}
         rows: dict[str, tuple[int, int]] = {}
         chunks: dict[str, Chunk] = {}
         for table, (start, end) in self.layout.held(domain).items():
-            weight, states = self.tables.weight(table), self.tables.row_states(table)
             if decision.kind == "full":  # copies: training goes on while they are written
-                tensors[weight_name(table)] = weight[start:end].detach().clone()
-                tensors.update({state_name(table, s): v[start:end].detach().clone() for s, v in states.items()})
+                tensors[weight_name(table)] = self.tables.weight(table)[start:end].detach().clone()
+                tensors.update({state_name(table, s): v[start:end].detach().clone()
+                                for s, v in self.tables.row_states(table).items()})
                 info = self.tables.tables[table]
                 chunks.update(table_chunks(table, info.state_key, info.rows, self.layout.global_rows(table, domain)[0],
                                            tensors))
             else:
-                ids = decision.rows.get(table)
-                if ids is None:
+                if table not in selected:
                     continue
-                ids = ids.to(torch.int64)
-                ids = ids[(ids >= start) & (ids < end)]
-                if ids.numel() == 0:
+                ids, copies, cuts = selected[table]
+                low, high = cuts[domain]
+                if low == high:
                     continue
-                tensors[ids_name(table)] = ids - start
-                tensors[weight_name(table)] = weight.index_select(0, ids)
-                tensors.update({state_name(table, s): v.index_select(0, ids) for s, v in states.items()})
+                tensors[ids_name(table)] = ids[low:high] - start
+                tensors.update({name: rows_copy[low:high] for name, rows_copy in copies.items()})
             tables[table] = dataclasses.replace(self._table_meta[table], rows=end - start)
             rows[table] = self.layout.global_rows(table, domain)
         if decision.kind == "subset" and not tensors:
@@ -415,10 +423,26 @@ class CPRCheckpointer:
         stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
         return PartContent(tensors, tables, rows, codecs=stored, chunks=chunks)
 
+    def _selected_rows(self, decision: SavePlan) -> dict[str, _SelectedRows]:
+        """A subset save's rows of each local table copied at once (one index_select per tensor, not one per
+        domain): ascending ids, the copies by tensor name, and each local domain's slice of them."""
+        selected = {}
+        for table, ids in decision.rows.items():
+            if table not in self.tables.tables:
+                continue
+            ids = ids.to(torch.int64).sort().values
+            copies = {weight_name(table): self.tables.weight(table).index_select(0, ids)}
+            copies.update({state_name(table, s): v.index_select(0, ids) for s, v in self.tables.row_states(table).items()})
+            bounds = torch.tensor([self.layout.ranges[table][d] for d in self.layout.local], dtype=torch.int64)
+            cuts = dict(zip(self.layout.local, map(tuple, torch.searchsorted(ids, bounds.reshape(-1, 2)).tolist())))
+            selected[table] = _SelectedRows(ids, copies, cuts)
+        return selected
+
     def _parts(self, decision: SavePlan, policy_tensors: Mapping[str, torch.Tensor]) -> dict[str, PartContent]:
         parts = {}
+        selected = self._selected_rows(decision) if decision.kind == "subset" else {}
         for domain in self.layout.local:
-            content = self._domain_part(domain, decision)
+            content = self._domain_part(domain, decision, selected)
             if content is not None:
                 parts[domain_part(domain)] = content
         if decision.kind == "full" and self.layout.local:
