@@ -80,7 +80,12 @@ class AccessProfile:
         self.total_rate = float(self.rates.sum())
         if self.total_rate <= 0:
             raise ValueError(f"no accesses were observed in the {steps}-step calibration window")
-        self._cumulative = [np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]
+        # Each shard's cumulative rates from 0, back to back: shard g's top k rows take
+        # _cumulative[_cumulative_starts[g] + k].
+        self._lengths = np.array([len(g.rates) for g in self.groups], dtype=np.int64)
+        self._cumulative = np.concatenate([np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]) \
+            if self.groups else np.zeros(0)
+        self._cumulative_starts = np.cumsum(self._lengths + 1) - (self._lengths + 1)
         # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
         self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
         self._histograms: dict[tuple[str, float, int], AgeHistogram] = {}
@@ -141,11 +146,9 @@ class AccessProfile:
 
     def top_share(self, fraction: float) -> float:
         """P(r): the share of accesses that go to the top `fraction` of each shard's rows."""
-        taken = 0.0
-        for group, cumulative in zip(self.groups, self._cumulative):
-            k = min(math.ceil(fraction * group.rows), len(group.rates))
-            taken += float(cumulative[k])
-        return taken / self.total_rate
+        rows = np.array([g.rows for g in self.groups], dtype=np.float64)
+        taken = np.minimum(np.ceil(fraction * rows).astype(np.int64), self._lengths)
+        return float(self._cumulative[self._cumulative_starts + taken].sum()) / self.total_rate
 
     def mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """Per-row mean age of the newest save under MFU subsets (before the T_full cap), and the
@@ -321,18 +324,16 @@ class _Point:
         self.model, self.knob, self.subset_steps, self.rows, self.share = model, knob, subset_steps, rows, share
         self.subset_bytes = sum(n * model.row_bytes[t] for t, n in rows.items())
         self._share, self._age, self._never = histogram
-
-    def _subset_age(self) -> np.ndarray:
-        """v_i: each bin's mean age in whole steps. Saves and failures both fall on step ends, so a row
-        saved every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less
-        than the continuous-time u_i."""
-        return np.maximum(self._age - 0.5, 0.0)
+        # v_i: each bin's mean age in whole steps. Saves and failures both fall on step ends, so a row saved
+        # every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less than
+        # the continuous-time u_i.
+        self._subset_age = np.maximum(self._age - 0.5, 0.0)
 
     def age_at(self, phase: int) -> float:
         """A(phase): the expected access-weighted age `phase` steps after a full save. A row whose subset
         saves alone give it whole-step age v (taken as exponential with mean v) is min(that, phase) old:
         v (1 - e^(-phase / v)); rows no subset catches are `phase` old."""
-        v = self._subset_age()
+        v = self._subset_age
         with np.errstate(divide="ignore", invalid="ignore"):
             ages = np.where(v > 0, v * -np.expm1(-phase / v), 0.0)
         return float(np.dot(self._share, ages) + self._never * phase)
@@ -341,7 +342,7 @@ class _Point:
         """A(T_full): A(phase) averaged over the phases 0 .. T_full - 1 of a full-save cycle,
         sum_phase (1 - e^(-phase / v)) = T - (1 - e^(-T / v)) / (1 - e^(-1 / v)). Tail rows get
         (T_full - 1) / 2 as under plain partial recovery."""
-        t, v = float(full_steps), self._subset_age()
+        t, v = float(full_steps), self._subset_age
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ratio = np.where(v > 0, -np.expm1(-t / v) / -np.expm1(-1 / np.where(v > 0, v, 1.0)), t)
             ages = np.where(v > 0, v * (1 - ratio / t), 0.0)
