@@ -12,12 +12,16 @@ Prints one JSON object (and writes it to `--out` if given):
   `torch.distributed.checkpoint.save`/`async_save` of the same DMP model and optimizer state dict (their own
   bytes over the time until the checkpoint is complete). Each is the median of `--repeats` warm saves (the
   first save of a process also pays for page-cache and allocator warm-up), as is `save_seconds`.
-* `async_stall_fraction`: what an asynchronous full save made training wait (snapshot and commit, measured
-  in a training loop with a full save every `--stall-interval` steps) over the time of a synchronous save;
+* `async_stall_fraction`: what an asynchronous full save made training wait (its snapshot, and gathering and
+  settling the commit, measured in a training loop with a full save every `--stall-interval` steps, long
+  enough for one save to be written before the next is due: a save due earlier first waits for the one in
+  flight, which measures the disk, not the stall) over the time of a synchronous save;
   `async_contention_fraction` adds the slowdown of the training steps run while the save was written (the
   writer thread shares the cores), as the sum over those steps of their time beyond the median step.
 * `throughput`: wall-clock samples/s (saves included, no failures) of `--throughput-steps` training steps of
-  the same config with `--policy none`, `mfu` and `ssu`, one run each; `throughput_ratio` over `none`.
+  the same config with `--policy none`, `mfu` and `ssu`, the fastest of `--throughput-rounds` interleaved
+  runs each, training with `--threads` intra-op threads (the writer thread has the other cores);
+  `throughput_ratio` over `none`; `throughput_threads` also has a `none` run with torch's default threads.
 * `bytes_per_hour`: emulated-hour write volume of `partial` (full saves at the PLS target's interval) and of
   `mfu --differential --quantize int8` at the same PLS target, from the same runs' length.
 * `auc_loss[codec][data][recovery]`: AUC of a run restored from raw rows minus AUC of the same run (same
@@ -182,7 +186,7 @@ def async_stall(model, optimizer, batches, folder: Path, interval: int, sync_sec
             "async_contention_fraction": (stall + contention / max(len(saves), 1)) / sync_seconds,
             "async_stall": {"stall_s": stall, "contention_s_per_save": contention / max(len(saves), 1),
                             "persist_s": float(np.mean([e.persist_seconds for e in saves])),
-                            "median_step_s": normal, "saves": len(saves)}}
+                            "median_step_s": normal, "saves": len(saves), "interval_steps": interval}}
 
 
 def training_runs(args: argparse.Namespace, folder: Path) -> dict:
@@ -192,6 +196,17 @@ def training_runs(args: argparse.Namespace, folder: Path) -> dict:
               "--batch-size", str(args.batch_size), "--no-progress", "--overwrite"]
     runs = {"none": [], "mfu": [], "ssu": [], "partial": [], "mfu_diff_int8": ["--differential", "--quantize", "int8"]}
     summaries: dict[str, list[dict]] = {name: [] for name in runs}
+    # Training gets `--threads` intra-op threads, the rest of the cores are the writer thread's. With every
+    # core given to training (torch's default), a persist in the background preempts an intra-op thread and
+    # every parallel op waits for it; on this shared machine that is slower even without checkpoints (the
+    # `none` run with the default threads is kept for comparison).
+    default_threads = torch.get_num_threads()
+    reference = {}
+    if args.threads != default_threads:
+        out = folder / "run-none-default-threads"
+        reference = run(parse_args([*common, "--policy", "none", "--out", str(out)]))
+        shutil.rmtree(out, ignore_errors=True)
+    torch.set_num_threads(args.threads)
     # The machine is shared: the throughput runs are interleaved over rounds and each policy keeps its
     # fastest run (the one least slowed by other jobs); the byte counts do not depend on the round.
     for round_ in range(args.throughput_rounds):
@@ -202,6 +217,7 @@ def training_runs(args: argparse.Namespace, folder: Path) -> dict:
             out = folder / f"run-{name}"
             summaries[name].append(run(parse_args([*common, "--policy", policy, *extra, "--out", str(out)])))
             shutil.rmtree(out, ignore_errors=True)
+    torch.set_num_threads(default_threads)
     every_round = {name: [s["samples_per_s"] for s in summaries[name]] for name in ("none", "mfu", "ssu")}
     throughput = {name: max(rates) for name, rates in every_round.items()}
     summaries = {name: found[0] for name, found in summaries.items()}
@@ -209,6 +225,8 @@ def training_runs(args: argparse.Namespace, folder: Path) -> dict:
     return {"throughput": throughput,
             "throughput_ratio": {name: value / throughput["none"] for name, value in throughput.items()},
             "throughput_steps": args.throughput_steps,
+            "throughput_threads": {"training": args.threads, "default": default_threads,
+                                   "none_with_default_threads": reference.get("samples_per_s")},
             "throughput_every_round": every_round,
             "bytes_per_hour": hourly,
             "full_over_mfu_diff_int8": hourly["partial"] / hourly["mfu_diff_int8"] if hourly["mfu_diff_int8"] else None,
@@ -293,9 +311,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--failures", type=int, default=8, help="failures injected in each AUC run")
     parser.add_argument("--dir", help="where saves are written (default: a temporary folder, removed after)")
-    parser.add_argument("--stall-interval", type=int, default=20, help="steps between the full saves of the stall loop")
+    parser.add_argument("--stall-interval", type=int, default=100, help="steps between the full saves of the stall loop")
     parser.add_argument("--throughput-steps", type=int, default=300, help="steps of each throughput run")
     parser.add_argument("--throughput-rounds", type=int, default=2, help="interleaved rounds of throughput runs")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the throughput runs' training")
     parser.add_argument("--repeats", type=int, default=3, help="saves timed for each MB/s (median)")
     parser.add_argument("--skip-auc", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
