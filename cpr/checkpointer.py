@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -123,9 +123,20 @@ class RecoveryResult:
 POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a full save
 
 
+class _SelectedRows(NamedTuple):
+    """A subset save's rows of one table: ascending local ids, their copied tensors by name, and each local
+    domain's [low, high) slice of both."""
+
+    ids: torch.Tensor
+    copies: dict[str, torch.Tensor]
+    cuts: dict[int, tuple[int, int]]
+
+
 @dataclass
 class _PendingSave:
-    """A save whose snapshot is taken and whose parts are being written (or were, when `written` is set)."""
+    """A save whose snapshot is taken and whose parts are being written (or were, when `written` is set),
+    then committed: every rank's part records are gathered (`gathered`), the coordinator writes the commit
+    in the background (`committing`, the outcome: None or why it failed) and every rank learns the outcome."""
 
     decision: SavePlan
     parts: dict[str, PartContent]
@@ -134,7 +145,9 @@ class _PendingSave:
     unsaved: int = 0  # the access counts above, summed: updates that are lost should this save not commit
     future: Future | None = None
     written: tuple | None = None
-    stall_seconds: float = 0.0
+    gathered: list[tuple[dict[str, PartRecord], str | None]] | None = None
+    committing: Future | None = None
+    stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, gathering, settling
 
 
 class CPRCheckpointer:
@@ -321,8 +334,14 @@ class CPRCheckpointer:
         abandoned when it would commit, never raised: the next one retries."""
         self.global_step += 1
         self._poll_pending()
-        decision = self._written_as(self.policy.decide(self.global_step))
+        decision = self.policy.decide(self.global_step)
+        if self.global_step == self.total_steps:
+            # The job's last step: no failure of this job can follow, so a save now would protect nothing
+            # (the final model is the caller's to keep: `state_dict()` or dcp.save of the model).
+            decision = None
         if decision is not None:
+            self.flush()  # the save in flight commits first (its commit may be changing the folder's saves)
+            decision = self._written_as(decision)
             self._save(decision)
         return decision
 
@@ -372,32 +391,31 @@ class CPRCheckpointer:
         return SavePlan("subset", rows={t: ids for t, ids in dirty.items() if ids.numel()},
                         reason=f"differential: {decision.reason}", differential=True)
 
-    def _domain_part(self, domain: int, decision: SavePlan) -> PartContent | None:
-        """Domain `domain`'s rows (all of them, or the decision's subset) with their row-wise state; the
-        weights stored with `weight_codec`."""
+    def _domain_part(self, domain: int, decision: SavePlan,
+                     selected: Mapping[str, _SelectedRows]) -> PartContent | None:
+        """Domain `domain`'s rows (all of them, or its share of a subset's `selected` rows) with their
+        row-wise state; the weights stored with `weight_codec`."""
         tensors: dict[str, torch.Tensor] = {}
         tables: dict[str, TableMeta] = {}
         rows: dict[str, tuple[int, int]] = {}
         chunks: dict[str, Chunk] = {}
         for table, (start, end) in self.layout.held(domain).items():
-            weight, states = self.tables.weight(table), self.tables.row_states(table)
             if decision.kind == "full":  # copies: training goes on while they are written
-                tensors[weight_name(table)] = weight[start:end].detach().clone()
-                tensors.update({state_name(table, s): v[start:end].detach().clone() for s, v in states.items()})
+                tensors[weight_name(table)] = self.tables.weight(table)[start:end].detach().clone()
+                tensors.update({state_name(table, s): v[start:end].detach().clone()
+                                for s, v in self.tables.row_states(table).items()})
                 info = self.tables.tables[table]
                 chunks.update(table_chunks(table, info.state_key, info.rows, self.layout.global_rows(table, domain)[0],
                                            tensors))
             else:
-                ids = decision.rows.get(table)
-                if ids is None:
+                if table not in selected:
                     continue
-                ids = ids.to(torch.int64)
-                ids = ids[(ids >= start) & (ids < end)]
-                if ids.numel() == 0:
+                ids, copies, cuts = selected[table]
+                low, high = cuts[domain]
+                if low == high:
                     continue
-                tensors[ids_name(table)] = ids - start
-                tensors[weight_name(table)] = weight.index_select(0, ids)
-                tensors.update({state_name(table, s): v.index_select(0, ids) for s, v in states.items()})
+                tensors[ids_name(table)] = ids[low:high] - start
+                tensors.update({name: rows_copy[low:high] for name, rows_copy in copies.items()})
             tables[table] = dataclasses.replace(self._table_meta[table], rows=end - start)
             rows[table] = self.layout.global_rows(table, domain)
         if decision.kind == "subset" and not tensors:
@@ -405,10 +423,26 @@ class CPRCheckpointer:
         stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
         return PartContent(tensors, tables, rows, codecs=stored, chunks=chunks)
 
+    def _selected_rows(self, decision: SavePlan) -> dict[str, _SelectedRows]:
+        """A subset save's rows of each local table copied at once (one index_select per tensor, not one per
+        domain): ascending ids, the copies by tensor name, and each local domain's slice of them."""
+        selected = {}
+        for table, ids in decision.rows.items():
+            if table not in self.tables.tables:
+                continue
+            ids = ids.to(torch.int64).sort().values
+            copies = {weight_name(table): self.tables.weight(table).index_select(0, ids)}
+            copies.update({state_name(table, s): v.index_select(0, ids) for s, v in self.tables.row_states(table).items()})
+            bounds = torch.tensor([self.layout.ranges[table][d] for d in self.layout.local], dtype=torch.int64)
+            cuts = dict(zip(self.layout.local, map(tuple, torch.searchsorted(ids, bounds.reshape(-1, 2)).tolist())))
+            selected[table] = _SelectedRows(ids, copies, cuts)
+        return selected
+
     def _parts(self, decision: SavePlan, policy_tensors: Mapping[str, torch.Tensor]) -> dict[str, PartContent]:
         parts = {}
+        selected = self._selected_rows(decision) if decision.kind == "subset" else {}
         for domain in self.layout.local:
-            content = self._domain_part(domain, decision)
+            content = self._domain_part(domain, decision, selected)
             if content is not None:
                 parts[domain_part(domain)] = content
         if decision.kind == "full" and self.layout.local:
@@ -481,43 +515,80 @@ class CPRCheckpointer:
         return records, error, staging, time.perf_counter() - started
 
     def _poll_pending(self) -> None:
-        """Commit the save in flight if every rank has written its parts (one small collective per step
-        while a save is in flight, so the ranks commit at the same step)."""
+        """Move the save in flight on, without waiting: once every rank has written its parts, gather their
+        records (the coordinator then commits in the background); once the coordinator's commit is done,
+        settle it on every rank. One small collective per step while a save is in flight, so the ranks take
+        each stage at the same step."""
         pending = self._pending
-        if pending is not None and self.coordinator.all_true(pending.future is None or pending.future.done()):
-            self._commit(pending)
+        if pending is None:
+            return
+        if pending.gathered is None:
+            if not self.coordinator.all_true(pending.future is None or pending.future.done()):
+                return
+            started = time.perf_counter()
+            self._gather(pending)
+            pending.stall_seconds += time.perf_counter() - started
+        if self._pending is pending and self.coordinator.all_true(pending.committing is None or pending.committing.done()):
+            self._settle(pending)
 
     def _commit(self, pending: _PendingSave) -> None:
-        """Wait for this process's parts, then commit the save where every rank's parts are durable, or
-        abandon it everywhere and undo the marks and the policy's bookkeeping its snapshot made.
+        """Wait for this process's parts and the coordinator's commit, and settle the save (collective)."""
+        started = time.perf_counter()
+        if pending.gathered is None:
+            self._gather(pending)
+        if self._pending is pending:
+            if pending.committing is not None:
+                pending.committing.exception()  # wait (an error surfaces in `_settle`)
+            pending.stall_seconds += time.perf_counter() - started
+            self._settle(pending)
+
+    def _gather(self, pending: _PendingSave) -> None:
+        """Wait for this process's parts and gather every rank's part records; the coordinator then starts
+        the commit (in the background with `async_save`), or abandons the save if a rank failed to write.
 
         Should a rank die meanwhile (CoordinationError), the save stays pending: `rejoin` settles it."""
-        started = time.perf_counter()
-        records, error, staging, persist_seconds = pending.future.result() if pending.future else pending.written
-        step, kind = pending.decision.step, pending.decision.kind
+        records, error, staging, _ = pending.future.result() if pending.future else pending.written
         gathered = self.coordinator.all_gather((records, error))
+        pending.gathered = gathered
         errors = [e for _, e in gathered if e]
-        if kind == "subset" and not errors and not any(r for r, _ in gathered):
+        if pending.decision.kind == "subset" and not errors and not any(r for r, _ in gathered):
             self._pending = None
             if self.coordinator.is_coordinator and staging is not None:
                 self.store.abandon(staging)
             return  # no rank had a row to save: nothing to commit
-        outcome: str | None = None
-        if self.coordinator.is_coordinator:
-            if errors:
-                if staging is not None:
-                    self.store.abandon(staging)
-                outcome = errors[0]
-            else:
-                try:
-                    self.store.commit(
-                        staging, step, kind, self.policy.name, {k: v for r, _ in gathered for k, v in r.items()},
-                        world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
-                        num_domains=self.layout.num_shards, extra=pending.extra,
-                    )
-                except OSError as err:
-                    outcome = f"commit: {type(err).__name__}: {err}"
-        outcome = self.coordinator.broadcast(outcome)
+        if not self.coordinator.is_coordinator:
+            return
+        if errors:
+            if staging is not None:
+                self.store.abandon(staging)
+            pending.committing = Future()
+            pending.committing.set_result(errors[0])
+        elif self._executor is None:
+            pending.committing = Future()
+            pending.committing.set_result(self._commit_files(pending, staging))
+        else:
+            pending.committing = self._executor.submit(self._commit_files, pending, staging)
+
+    def _commit_files(self, pending: _PendingSave, staging: Path | None) -> str | None:
+        """The coordinator's commit of a save whose every part is durable (DCP metadata, commit record,
+        rename, retention): None, or why it failed (the staging folder is then gone)."""
+        try:
+            self.store.commit(
+                staging, pending.decision.step, pending.decision.kind, self.policy.name,
+                {k: v for r, _ in pending.gathered for k, v in r.items()},
+                world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
+                num_domains=self.layout.num_shards, extra=pending.extra,
+            )
+        except OSError as err:
+            return f"commit: {type(err).__name__}: {err}"
+        return None
+
+    def _settle(self, pending: _PendingSave) -> None:
+        """Every rank learns the coordinator's outcome: the save is recorded, or undone everywhere (the
+        marks and the policy's bookkeeping its snapshot made)."""
+        started = time.perf_counter()
+        step, kind = pending.decision.step, pending.decision.kind
+        outcome = self.coordinator.broadcast(pending.committing.result() if self.coordinator.is_coordinator else None)
         self._pending = None
         if outcome is not None:
             self._undo_save(pending, outcome)
@@ -525,7 +596,8 @@ class CPRCheckpointer:
                 print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
                       "goes on and the next save retries", file=sys.stderr)
             return
-        self.ledger.record_save(step, kind, sum(r.nbytes for rank_records, _ in gathered for r in rank_records.values()),
+        persist_seconds = (pending.future.result() if pending.future else pending.written)[3]
+        self.ledger.record_save(step, kind, sum(r.nbytes for records, _ in pending.gathered for r in records.values()),
                                 pending.stall_seconds + time.perf_counter() - started, persist_seconds)
 
     def _undo_save(self, pending: _PendingSave, error: str) -> None:
@@ -709,6 +781,8 @@ class CPRCheckpointer:
         use the new group. The save in flight finishes writing here; `rejoin` settles whether it committed."""
         if self._pending is not None and self._pending.future is not None:
             self._pending.future.exception()  # wait for this rank's parts (errors are in its result)
+        if self._pending is not None and self._pending.committing is not None:
+            self._pending.committing.exception()  # and for the coordinator's commit: the folder is settled
         _init_optim_state(optimizer)
         retained = dense.capture(self.model, self.optimizer, self.tables)
         self.tables.move_to(model, optimizer)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import torch
 
@@ -116,3 +117,33 @@ def test_a_kill_during_the_background_write_leaves_the_previous_save(tmp_path):
     assert save.step == 0  # the initial save; the one being written never looked committed
     for part in save.parts:
         store.load_part(save, part)  # and it loads and verifies
+
+
+def test_the_commit_runs_on_the_writer_thread(tmp_path):
+    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True)
+    committed_on = []
+    real_commit = ckpt.store.commit
+
+    def recording_commit(*args, **kwargs):
+        committed_on.append(threading.current_thread().name)
+        return real_commit(*args, **kwargs)
+
+    ckpt.store.commit = recording_commit
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
+    ckpt.flush()
+    assert [s.step for s in ckpt.store.saves()] == [0, 2, 4]
+    assert len(committed_on) == 2 and all(name.startswith("cpr-save") for name in committed_on), committed_on
+
+
+def test_no_save_is_started_at_the_jobs_last_step(tmp_path):
+    torch.manual_seed(0)
+    ebc, optimizer = plain_ebc(ROWS)
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / "a", policy="partial", num_shards=2, total_steps=4,
+                           interval_steps=2)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
+    ckpt.flush()
+    assert [s.step for s in ckpt.store.saves()] == [0, 2]  # none at step 4: no failure of the job can follow it

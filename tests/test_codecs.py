@@ -23,13 +23,12 @@ BITS = {"int8": 8, "int4": 4}
 
 def row_bound(rows: torch.Tensor, codec: str) -> torch.Tensor:
     """Per row, the largest error `codec` may make on an element: half a quantization step of the row's
-    range, plus (int4) the fp16 rounding of its scale and bias (relative 2**-11 each, the scale's counted
-    over the 15 steps a code can span), plus the fp32 rounding of decoding (`code * scale + bias`, a few ulps
+    range, plus the fp16 rounding of its scale and bias (relative 2**-11 each, or fp16's absolute resolution
+    2**-24 for a subnormal scale; the scale's counted over the 2**bits - 1 steps a code can span), plus the fp32 rounding of decoding (`code * scale + bias`, a few ulps
     of the row's largest magnitude: it dominates for a narrow row far from 0)."""
     low, high = rows.min(dim=1).values, rows.max(dim=1).values
     bound = (high - low) / (2 ** BITS[codec] - 1) / 2
-    if codec == "int4":
-        bound = bound + 2.0**-11 * (low.abs() + (high - low))
+    bound = bound + 2.0**-11 * (low.abs() + (high - low)) + (2 ** BITS[codec] - 1) * 2.0**-25 + 2.0**-25
     bound = bound + 2.0**-22 * torch.maximum(low.abs(), high.abs())
     return bound * (1 + 1e-5) + 1e-7
 
@@ -76,7 +75,7 @@ def test_quantized_rows_decode_within_the_bound(tmp_path_factory, codec, rows, d
 def test_quantized_tensors_store_fewer_bytes(tmp_path):
     weight = torch.randn(100, 64)
     entries = tensor_io.write_tensors(tmp_path / "tensors.bin", {"w": weight, "s": torch.ones(100)}, {"w": "int8"})
-    assert entries[0].nbytes == 100 * (64 + 8) and entries[0].codec == "int8"
+    assert entries[0].nbytes == 100 * (64 + 4) and entries[0].codec == "int8"
     assert entries[0].dtype == "float32" and entries[0].shape == (100, 64)
     assert entries[1].codec == "raw" and entries[1].nbytes == 400
     assert codecs.stored_nbytes("int4", torch.float32, (100, 64)) == 100 * (32 + 4)
@@ -181,12 +180,12 @@ def test_full_recovery_restores_quantized_rows_within_the_bound(dmp_model, tmp_p
     _check_restored(ckpt, saved, codec, {t: (0, info.local_rows) for t, info in ckpt.tables.tables.items()})
 
 
-def test_quantized_saves_store_a_row_in_dim_plus_8_bytes(dmp_model, tmp_path):
+def test_quantized_saves_store_a_row_in_dim_plus_4_bytes(dmp_model, tmp_path):
     ckpt, _ = _trained(dmp_model, tmp_path, "partial", "int8", steps=2)
     save = ckpt.store.saves()[-1]
     stored = sum(codecs.stored_nbytes(e.codec, torch.float32, e.shape) for part in save.parts if part != "dense"
                  for e in ckpt.store.load_part(save, part).manifest.tensors if e.name.endswith("/weight"))
-    assert stored == sum(rows * (8 + 8) for rows in ROWS)  # dim 8: 32 raw bytes per row became 16
+    assert stored == sum(rows * (8 + 4) for rows in ROWS)  # dim 8: 32 raw bytes per row became 12
 
 
 def test_cli_refuses_an_unknown_quantize_choice(tmp_path, capsys):

@@ -111,7 +111,7 @@ def test_a_quantized_full_save_shows_dcp_the_fused_rows(dmp_model, tmp_path):
     weight_key = ckpt.tables.tables["t_cat_0"].state_key
     assert weight_key not in metadata.state_dict_metadata
     stored = metadata.state_dict_metadata[f"{weight_key}.int8_rowwise"]
-    width = ckpt.tables.tables["t_cat_0"].dim + 8  # int8 codes, then an fp32 scale and bias per row
+    width = ckpt.tables.tables["t_cat_0"].dim + 4  # int8 codes, then an fp16 scale and bias per row
     assert stored.properties.dtype == torch.uint8 and tuple(stored.size) == (ROWS[0], width)
 
 

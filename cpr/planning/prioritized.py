@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,15 @@ def default_subset_intervals(total_steps: int) -> tuple[int, ...]:
     return tuple(out) or (1,)
 
 
+class AgeHistogram(NamedTuple):
+    """Rows binned by the age of their newest save: each bin's access share and mean age, and the share of
+    accesses to rows no subset save catches (as old as the last full save)."""
+
+    share: np.ndarray
+    age: np.ndarray
+    never: float
+
+
 @dataclass(frozen=True)
 class _ShardRates:
     table: str
@@ -71,9 +80,15 @@ class AccessProfile:
         self.total_rate = float(self.rates.sum())
         if self.total_rate <= 0:
             raise ValueError(f"no accesses were observed in the {steps}-step calibration window")
-        self._cumulative = [np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]
+        # Each shard's cumulative rates from 0, back to back: shard g's top k rows take
+        # _cumulative[_cumulative_starts[g] + k].
+        self._lengths = np.array([len(g.rates) for g in self.groups], dtype=np.int64)
+        self._cumulative = np.concatenate([np.concatenate([[0.0], np.cumsum(g.rates)]) for g in self.groups]) \
+            if self.groups else np.zeros(0)
+        self._cumulative_starts = np.cumsum(self._lengths + 1) - (self._lengths + 1)
         # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
         self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
+        self._histograms: dict[tuple[str, float, int], AgeHistogram] = {}
 
     def to_tensors(self) -> dict[str, Any]:
         """The profile as tensors and plain values (a policy keeps it in its saves to re-plan after a resume)."""
@@ -131,11 +146,9 @@ class AccessProfile:
 
     def top_share(self, fraction: float) -> float:
         """P(r): the share of accesses that go to the top `fraction` of each shard's rows."""
-        taken = 0.0
-        for group, cumulative in zip(self.groups, self._cumulative):
-            k = min(math.ceil(fraction * group.rows), len(group.rates))
-            taken += float(cumulative[k])
-        return taken / self.total_rate
+        rows = np.array([g.rows for g in self.groups], dtype=np.float64)
+        taken = np.minimum(np.ceil(fraction * rows).astype(np.int64), self._lengths)
+        return float(self._cumulative[self._cumulative_starts + taken].sum()) / self.total_rate
 
     def mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """Per-row mean age of the newest save under MFU subsets (before the T_full cap), and the
@@ -163,21 +176,55 @@ class AccessProfile:
         def saves_per_step(theta: np.ndarray) -> np.ndarray:
             return np.bincount(group, weights=np.minimum(1 / s, rates / theta[group]), minlength=len(sizes))
 
-        low = np.ones(len(sizes))
-        busy = saves_per_step(low) > quota  # more accessed rows than the quota: theta > 1
-        totals = np.bincount(group, weights=rates, minlength=len(sizes))
-        high = np.maximum(1.0, totals / np.maximum(quota, 1e-300))  # sum_i l_i / theta <= quota there
-        for _ in range(60):  # bisection in log space, every shard at once
-            mid = np.sqrt(low * high)
-            over = saves_per_step(mid) > quota
-            low, high = np.where(over, mid, low), np.where(over, high, mid)
-        theta = np.where(busy, high, 1.0)
+        busy = saves_per_step(np.ones(len(sizes))) > quota  # more accessed rows than the quota: theta > 1
+        theta = np.where(busy, self._mfu_threshold(group, sizes, quota, s), 1.0)
         ages = (theta[group] - 1) / (2 * rates) + s / 2
         per_save = np.minimum(quota, saves_per_step(theta)) * s
         rows: dict[str, float] = {}
         for g, n in zip(self.groups, per_save):
             rows[g.table] = rows.get(g.table, 0.0) + float(n)
         return ages, rows
+
+    def _mfu_threshold(self, group: np.ndarray, sizes: np.ndarray, quota: np.ndarray, s: float) -> np.ndarray:
+        """theta of every shard, solved exactly (one pass over the rows, not a search): with the rates of a
+        shard descending, the rows saved every T_sub are a prefix, the first J, and the rest give
+        l_i / theta, so theta = (sum of the rates after the first J) / (quota - J / T_sub). Row i belongs to
+        that prefix exactly when the saves per step at theta = T_sub * l_i fall short of the quota."""
+        rates = self.rates
+        starts = np.cumsum(sizes) - sizes
+        position = np.arange(len(rates)) - starts[group]  # i's index within its shard, from 0
+        totals = np.bincount(group, weights=rates, minlength=len(sizes))
+        prefix = np.concatenate([[0.0], np.cumsum(rates)])  # prefix[i]: the rates of every row before i
+        after = totals[group] - (prefix[1:] - prefix[starts[group]])  # rates of i's shard after row i
+        with np.errstate(divide="ignore", invalid="ignore"):
+            short = (position + 1) / s + after / (s * rates) < quota[group]
+        saturated = np.bincount(group, weights=short, minlength=len(sizes)).astype(np.int64)
+        rest = totals - (prefix[starts + saturated] - prefix[starts])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            theta = rest / np.maximum(quota - saturated / s, 1e-300)
+        return np.maximum(theta, 1.0)
+
+    def age_histogram(self, key: tuple[str, float, int], ages: Callable[[], np.ndarray]) -> AgeHistogram:
+        """The rows in ~1000 log-spaced bins of their age (`ages()`, per row; inf for rows no subset save
+        catches), each bin as its access share and share-weighted mean age, and the share of the rows never
+        caught: evaluating a T_full then costs the same for any table size. Cached by `key`, (kind, knob,
+        T_sub), since a policy re-plans from the same profile many times."""
+        if key not in self._histograms:
+            per_row = ages()
+            weights = self.rates / self.total_rate
+            finite = np.isfinite(per_row)
+            never = float(weights[~finite].sum())
+            per_row, weights = per_row[finite], weights[finite]
+            if len(per_row):
+                edges = np.geomspace(per_row.min(), per_row.max() * (1 + 1e-9) + 1e-12, _AGE_BINS + 1)
+                bins = np.clip(np.searchsorted(edges, per_row, side="right") - 1, 0, _AGE_BINS - 1)
+                share = np.bincount(bins, weights=weights, minlength=_AGE_BINS)
+                summed = np.bincount(bins, weights=weights * per_row, minlength=_AGE_BINS)
+                kept = share > 0
+                self._histograms[key] = AgeHistogram(share[kept], summed[kept] / share[kept], never)
+            else:
+                self._histograms[key] = AgeHistogram(np.zeros(0), np.zeros(0), never)
+        return self._histograms[key]
 
     def catch_probability(self, sample_rate: float, subset_steps: int) -> np.ndarray:
         """q_i: probability that SSU samples row i within one subset interval. Its accesses in an
@@ -254,52 +301,39 @@ class _Model:
     def point(self, knob: float, subset_steps: int) -> "_Point":
         """The subset set of one grid point; `knob` is r (MFU, SCAR) or p (SSU)."""
         if self.kind == "ssu":
-            q = self.access.catch_probability(knob, subset_steps)
-            # A geometric renewal: caught in each interval with probability q, so the newest save is
-            # T_sub / 2 + T_sub (1 - q) / q old on average (T_sub (2 - q) / (2 q)). The intervals that
-            # missed the row had none of their accesses sampled, so they hold only (1 - p) of the row's
-            # mean accesses: its lost accesses are l * u with u = T_sub / 2 + (1 - p) T_sub (1 - q) / q.
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ages = np.where(q > 0, subset_steps / 2 + (1 - knob) * subset_steps * (1 - q) / q, np.inf)
-            return _Point(self, knob, subset_steps, self.access.ssu_rows(knob, subset_steps), None, ages)
-        ages, rows = self.access.mfu_ages(knob, subset_steps)
-        return _Point(self, knob, subset_steps, rows, self.access.top_share(knob), ages)
+            def ssu_ages() -> np.ndarray:
+                q = self.access.catch_probability(knob, subset_steps)
+                # A geometric renewal: caught in each interval with probability q, so the newest save is
+                # T_sub / 2 + T_sub (1 - q) / q old on average (T_sub (2 - q) / (2 q)). The intervals that
+                # missed the row had none of their accesses sampled, so they hold only (1 - p) of the row's
+                # mean accesses: its lost accesses are l * u with u = T_sub / 2 + (1 - p) T_sub (1 - q) / q.
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    return np.where(q > 0, subset_steps / 2 + (1 - knob) * subset_steps * (1 - q) / q, np.inf)
+            histogram = self.access.age_histogram(("ssu", knob, subset_steps), ssu_ages)
+            return _Point(self, knob, subset_steps, self.access.ssu_rows(knob, subset_steps), None, histogram)
+        rows = self.access.mfu_ages(knob, subset_steps)[1]
+        histogram = self.access.age_histogram(("mfu", knob, subset_steps), lambda: self.access.mfu_ages(knob, subset_steps)[0])
+        return _Point(self, knob, subset_steps, rows, self.access.top_share(knob), histogram)
 
 
 class _Point:
     """One (knob, T_sub) grid point: its subset bytes and its mean age as a function of T_full."""
 
     def __init__(self, model: _Model, knob: float, subset_steps: int, rows: Mapping[str, float],
-                 share: float | None, ages: np.ndarray) -> None:
+                 share: float | None, histogram: AgeHistogram) -> None:
         self.model, self.knob, self.subset_steps, self.rows, self.share = model, knob, subset_steps, rows, share
         self.subset_bytes = sum(n * model.row_bytes[t] for t, n in rows.items())
-        # Rows in ~1000 log-spaced bins of their age, each as its access share and share-weighted mean
-        # age, so that evaluating a T_full costs the same for any table size.
-        weights = model.access.rates / model.access.total_rate
-        finite = np.isfinite(ages)
-        self._never = float(weights[~finite].sum())  # rows no subset save catches: T_full / 2
-        ages, weights = ages[finite], weights[finite]
-        if len(ages):
-            edges = np.geomspace(ages.min(), ages.max() * (1 + 1e-9) + 1e-12, _AGE_BINS + 1)
-            bins = np.clip(np.searchsorted(edges, ages, side="right") - 1, 0, _AGE_BINS - 1)
-            self._share = np.bincount(bins, weights=weights, minlength=_AGE_BINS)
-            summed = np.bincount(bins, weights=weights * ages, minlength=_AGE_BINS)
-            kept = self._share > 0
-            self._share, self._age = self._share[kept], summed[kept] / self._share[kept]
-        else:
-            self._share = self._age = np.zeros(0)
-
-    def _subset_age(self) -> np.ndarray:
-        """v_i: each bin's mean age in whole steps. Saves and failures both fall on step ends, so a row
-        saved every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less
-        than the continuous-time u_i."""
-        return np.maximum(self._age - 0.5, 0.0)
+        self._share, self._age, self._never = histogram
+        # v_i: each bin's mean age in whole steps. Saves and failures both fall on step ends, so a row saved
+        # every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less than
+        # the continuous-time u_i.
+        self._subset_age = np.maximum(self._age - 0.5, 0.0)
 
     def age_at(self, phase: int) -> float:
         """A(phase): the expected access-weighted age `phase` steps after a full save. A row whose subset
         saves alone give it whole-step age v (taken as exponential with mean v) is min(that, phase) old:
         v (1 - e^(-phase / v)); rows no subset catches are `phase` old."""
-        v = self._subset_age()
+        v = self._subset_age
         with np.errstate(divide="ignore", invalid="ignore"):
             ages = np.where(v > 0, v * -np.expm1(-phase / v), 0.0)
         return float(np.dot(self._share, ages) + self._never * phase)
@@ -308,7 +342,7 @@ class _Point:
         """A(T_full): A(phase) averaged over the phases 0 .. T_full - 1 of a full-save cycle,
         sum_phase (1 - e^(-phase / v)) = T - (1 - e^(-T / v)) / (1 - e^(-1 / v)). Tail rows get
         (T_full - 1) / 2 as under plain partial recovery."""
-        t, v = float(full_steps), self._subset_age()
+        t, v = float(full_steps), self._subset_age
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ratio = np.where(v > 0, -np.expm1(-t / v) / -np.expm1(-1 / np.where(v > 0, v, 1.0)), t)
             ages = np.where(v > 0, v * (1 - ratio / t), 0.0)

@@ -1,16 +1,17 @@
 """Codecs: how a tensor's values are stored in a part's tensor file, by the name its manifest entry records.
 
 * `raw`: the tensor's own bytes (any dtype), unchanged.
-* `int8`: row-wise 8-bit quantization of a 2-d floating tensor, fbgemm's fused layout: per row `dim` uint8
-  codes, then an fp32 scale and an fp32 bias (`dim + 8` bytes per row).
-* `int4`: row-wise 4-bit quantization, fbgemm's fused n-bit layout: per row `dim / 2` bytes of packed codes,
-  then an fp16 scale and an fp16 bias (`dim / 2 + 4` bytes per row; `dim` must be a multiple of 4 so that
-  fbgemm's fp16 scale and bias stay aligned).
+* `int8`: row-wise 8-bit quantization of a 2-d floating tensor, fbgemm's fused n-bit layout ("SBHalf"): per
+  row `dim` uint8 codes, then an fp16 scale and an fp16 bias (`dim + 4` bytes per row: at the kaggle config's
+  16 floats per row, the fp32 scale and bias of fbgemm's 8-bit layout would take a third of the row).
+* `int4`: the same layout with 4-bit codes: per row `dim / 2` bytes of packed codes, then an fp16 scale and
+  an fp16 bias (`dim / 2 + 4` bytes per row; `dim` must be a multiple of 4 so that fbgemm's fp16 scale and
+  bias stay aligned).
 
 A value x of a row with minimum m and maximum M is stored as round((x - m) / scale) with
-scale = (M - m) / (2**bits - 1), so decoding is off by at most scale / 2 (plus the fp16 rounding of the scale
-and bias for int4). Encoding and decoding are fbgemm's row-wise conversion operators; the decoded tensor has
-the dtype and shape the entry records.
+scale = (M - m) / (2**bits - 1), so decoding is off by at most scale / 2, plus the fp16 rounding of the scale
+and bias; rows with values beyond float16's range cannot be stored so. Encoding and decoding are fbgemm's
+row-wise conversion operators; the decoded tensor has the dtype and shape the entry records.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, CPU kernels includ
 
 CODECS = ("raw", "int8", "int4")
 QUANTIZED = ("int8", "int4")
+BITS = {"int8": 8, "int4": 4}
 # Quantization takes floating tensors of these dtypes (as recorded in a manifest), decoded back to them.
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _FP16_MAX = 65504.0  # int4's fp16 scale and bias hold rows whose values lie within float16's range
@@ -45,7 +47,7 @@ def stored_nbytes(codec: str, dtype: torch.dtype, shape: Sequence[int]) -> int:
     if codec == "raw":
         return math.prod(shape) * dtype.itemsize
     rows, dim = shape
-    return rows * (dim + 8 if codec == "int8" else dim // 2 + 4)
+    return rows * (dim * BITS[codec] // 8 + 4)
 
 
 def encode(codec: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -53,14 +55,12 @@ def encode(codec: str, tensor: torch.Tensor) -> torch.Tensor:
     if codec == "raw":
         return tensor
     rows = tensor.detach().to("cpu", torch.float32).contiguous()
-    if codec == "int8":
-        return torch.ops.fbgemm.FloatToFused8BitRowwiseQuantized(rows)
-    stored = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(rows, 4)
-    scale_bias = stored[:, -4:].contiguous().view(torch.float16)
-    if not bool(torch.isfinite(scale_bias).all()) and bool(torch.isfinite(rows).all()):
-        raise ValueError(f"int4 cannot store rows with values beyond float16's range (|x| > {_FP16_MAX:g}): its "
-                         "per-row scale and bias are fp16; use int8")
-    return stored
+    # Checked on the fp32 rows (one pass, no copy): fp16 checks of the stored scale and bias cost far more on a CPU.
+    peak = max(abs(float(bound)) for bound in torch.aminmax(rows)) if rows.numel() else 0.0
+    if math.isfinite(peak) and peak > _FP16_MAX:
+        raise ValueError(f"{codec} cannot store rows with values beyond float16's range (|x| > {_FP16_MAX:g}): its "
+                         "per-row scale and bias are fp16; save such tables raw (quantize none)")
+    return torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(rows, BITS[codec])
 
 
 def decode(codec: str, stored: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
@@ -72,8 +72,4 @@ def decode(codec: str, stored: torch.Tensor, dtype: torch.dtype, shape: Sequence
         return stored.view(dtype).reshape(tuple(shape))
     rows, dim = shape
     fused = stored.reshape(rows, stored_nbytes(codec, dtype, (1, dim)))
-    if codec == "int8":
-        values = torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat(fused)
-    else:
-        values = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, 4)
-    return values.to(dtype)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, BITS[codec]).to(dtype)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ from .location import Folder
 from .errors import CorruptCheckpointError
 
 # 2: the manifest carries a content checksum; 3: a part keeps its tensors in one file; 4: each tensor names its codec;
-# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint)
-FORMAT_VERSION = 5
+# 5: a tensor's bytes may be a torch.save record (full saves, readable by torch.distributed.checkpoint);
+# 6: int8 rows carry an fp16 scale and bias (fbgemm's n-bit "SBHalf" layout, as int4), not fp32 ones
+FORMAT_VERSION = 6
 MANIFEST_FILE = "manifest.json"
 SAVE_KINDS = ("full", "subset")
 CHECKSUM_FIELD = "checksum"
@@ -113,8 +114,10 @@ class Manifest:
         return any(entry.name == name for entry in self.tensors)
 
     def to_json(self) -> str:
-        data = asdict(self)
-        del data["folder"]
+        # The records' fields taken one level deep: asdict's deep copies cost more than the rest of a subset save.
+        data: dict[str, Any] = {name: getattr(self, name) for name in _MANIFEST_FIELDS}
+        data["tables"] = {table: _fields(meta, _TABLE_FIELDS) for table, meta in self.tables.items()}
+        data["tensors"] = [_fields(entry, _ENTRY_FIELDS) for entry in self.tensors]
         data = sealed(data, f"manifest of step {self.step}")
         return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)  # compact: read per restore
 
@@ -213,7 +216,8 @@ def sealed(data: dict[str, Any], what: str) -> dict[str, Any]:
     """Metadata `data` with the checksum of its content added, for writing; ValueError naming `what` if the
     reader would refuse it for its nesting (what the reader would refuse is not written)."""
     try:
-        _check_depth(data)
+        # Only `extra` nests freely (at depth 2); the rest has the fixed depth of its schema.
+        _check_depth(data.get("extra", {}), depth=2)
     except _Defect as e:
         raise ValueError(f"{what}: {e}") from None
     return {**data, CHECKSUM_FIELD: content_checksum(data)}
@@ -228,9 +232,16 @@ def content_checksum(data: Mapping[str, Any]) -> str:
 
 # -- the typed schema --------------------------------------------------------------------------------------
 
-_MANIFEST_KEYS = frozenset(f.name for f in fields(Manifest) if f.name != "folder") | {CHECKSUM_FIELD}
-_TABLE_KEYS = frozenset(f.name for f in fields(TableMeta))
-_ENTRY_KEYS = frozenset(f.name for f in fields(TensorEntry))
+_MANIFEST_FIELDS = tuple(f.name for f in fields(Manifest) if f.name != "folder")
+_TABLE_FIELDS = tuple(f.name for f in fields(TableMeta))
+_ENTRY_FIELDS = tuple(f.name for f in fields(TensorEntry))
+_MANIFEST_KEYS = frozenset(_MANIFEST_FIELDS) | {CHECKSUM_FIELD}
+_TABLE_KEYS = frozenset(_TABLE_FIELDS)
+_ENTRY_KEYS = frozenset(_ENTRY_FIELDS)
+
+
+def _fields(record: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in names}
 
 
 class _Defect(Exception):
@@ -261,9 +272,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_depth(data: Any) -> None:
-    """Bound the nesting iteratively, before anything recursive (canonical JSON, asdict) sees the data."""
-    stack = [(data, 1)]
+def _check_depth(data: Any, depth: int = 1) -> None:
+    """Bound the nesting (of `data` at `depth`) iteratively, before anything recursive (canonical JSON, asdict)
+    sees the data."""
+    stack = [(data, depth)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
