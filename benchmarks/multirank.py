@@ -62,8 +62,7 @@ def worker(rank: int, world_size: int, folder: str, rows: int, steps: int, recov
         ckpt.recover([0])
         recovery_seconds.append(time.perf_counter() - start)
     # The bytes domain 0 holds: all of it at world size > 1 (its rank's rows), one row range of each table at 1.
-    own = sum(v[start:end].nbytes for t in ckpt.tables.tables for start, end in [ckpt.layout.rows(t, 0)]
-              for v in [ckpt.tables.weight(t), *ckpt.tables.row_states(t).values()])
+    own = ckpt.tables.nbytes(ckpt.layout.held(0))
     report = ckpt.report()
     if rank == 0:
         saves = [c for c in report["checkpoints"] if c["kind"] == "full"][1:]  # the initial save warms up

@@ -12,6 +12,8 @@ Prints one JSON object (and writes it to `--out` if given):
   `torch.distributed.checkpoint.save`/`async_save` of the same DMP model and optimizer state dict (their own
   bytes over the time until the checkpoint is complete). Each is the median of `--repeats` warm saves (the
   first save of a process also pays for page-cache and allocator warm-up), as is `save_seconds`.
+* `restore_one_domain_read_ratio`: the bytes read to restore one of the emulated domains (its part of the full
+  save and of the differential save after `--diff-steps`) over that domain's own rows and row-wise state.
 * `async_stall_fraction`: what an asynchronous full save made training wait (its snapshot, and gathering and
   settling the commit, measured in a training loop with a full save every `--stall-interval` steps, long
   enough for one save to be written before the next is due: a save due earlier first waits for the one in
@@ -272,6 +274,9 @@ def verdicts(result: dict) -> dict:
           f"{nbytes / max(stall['stall_s'], 1e-9) / 1e9:.1f} GB/s) against a {seconds:.2f} s synchronous save; 5% "
           "needs a snapshot that copies nothing up front (copy-on-write of the rows a step is about to update, "
           "from the lookup hook), which is not built")
+    restore = result["restore_one_domain_read_ratio"]
+    judge("restore_one_domain_read_ratio", restore, "<= 1.2", restore <= 1.2,
+          "the domain's part of the full save plus its rows in the differential save after it, each with its manifest")
     ratio = result["bytes_ratio"]["int8"]
     judge("int8_bytes_ratio", ratio, "<= 0.3", ratio <= 0.3,
           "an int8 row is dim codes plus an fp16 scale and bias, and the row-wise optimizer state stays raw: at the "
@@ -318,6 +323,10 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
         train_step(model, optimizer, ckpt, next(batches))
     diff = ckpt.ledger.checkpoints[-1]
     assert diff.kind == "subset" and diff.step == args.diff_steps, diff
+    # Restoring one domain reads its part of the full save and of the differential after it.
+    own = ckpt.tables.nbytes(ckpt.layout.held(0))
+    ckpt.recover([0])
+    restore_ratio = ckpt.ledger.failures[-1].loaded_bytes / own
     ckpt.close()
     shutil.rmtree(folder / "raw")
     # Speeds: medians of warm repeats (a first save also pays for page-cache and allocator warm-up).
@@ -331,7 +340,8 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
            "mb_s": {"dd": dd, "cpr_sync": sync_bytes / raw_seconds / 1e6,
                     "cpr_async": async_bytes / async_seconds / 1e6,
                     **dcp_numbers(model, optimizer, folder, args.repeats)},
-           "save_seconds": {"raw": raw_seconds}}
+           "save_seconds": {"raw": raw_seconds},
+           "restore_one_domain_read_ratio": restore_ratio}
     out.update(async_stall(model, optimizer, batches, folder, args.stall_interval, raw_seconds))
     for codec in CODECS:
         nbytes, seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False, quantize=codec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -187,10 +188,11 @@ class EmbeddingTables:
         """`id()`s of every row-wise state tensor, so dense snapshots can leave them out."""
         return {id(t) for name in self.tables for t in self.row_states(name).values()}
 
-    def nbytes(self) -> int:
-        """Bytes of all local rows and their row-wise optimizer state."""
+    def nbytes(self, rows: Mapping[str, tuple[int, int]] | None = None) -> int:
+        """Bytes of local rows and their row-wise optimizer state: all of them, or the local row ranges
+        [start, end) that `rows` gives per table (a domain's, `ShardLayout.held`)."""
         total = 0
-        for name in self.tables:
-            total += self.weight(name).nbytes
-            total += sum(t.nbytes for t in self.row_states(name).values())
+        for name in self.tables if rows is None else rows:
+            start, end = (0, None) if rows is None else rows[name]
+            total += sum(t[start:end].nbytes for t in (self.weight(name), *self.row_states(name).values()))
         return total

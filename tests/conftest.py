@@ -1,10 +1,18 @@
 """Fixtures shared by the test modules."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a CI result is reproducible; set
+# HYPOTHESIS_PROFILE=explore to search new ones (a random seed each run).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 SHARED_CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo"
 # The tables of the small DLRM that checkpointer and policy tests train.
