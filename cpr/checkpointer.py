@@ -149,6 +149,11 @@ class _PendingSave:
     committing: Future | None = None
     stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, gathering, settling
 
+    def write_result(self) -> tuple:
+        """This rank's write: (part records, error or None, staging folder, persist seconds), waiting for the
+        writer thread if it is still at it."""
+        return self.future.result() if self.future is not None else self.written
+
 
 class CPRCheckpointer:
     """Checkpointing with partial recovery for a TorchRec model, on one rank or many.
@@ -547,7 +552,7 @@ class CPRCheckpointer:
         the commit (in the background with `async_save`), or abandons the save if a rank failed to write.
 
         Should a rank die meanwhile (CoordinationError), the save stays pending: `rejoin` settles it."""
-        records, error, staging, _ = pending.future.result() if pending.future else pending.written
+        records, error, staging, _ = pending.write_result()
         gathered = self.coordinator.all_gather((records, error))
         pending.gathered = gathered
         errors = [e for _, e in gathered if e]
@@ -558,16 +563,13 @@ class CPRCheckpointer:
             return  # no rank had a row to save: nothing to commit
         if not self.coordinator.is_coordinator:
             return
-        if errors:
-            if staging is not None:
-                self.store.abandon(staging)
-            pending.committing = Future()
-            pending.committing.set_result(errors[0])
-        elif self._executor is None:
-            pending.committing = Future()
-            pending.committing.set_result(self._commit_files(pending, staging))
-        else:
+        if errors and staging is not None:
+            self.store.abandon(staging)
+        if self._executor is not None and not errors:
             pending.committing = self._executor.submit(self._commit_files, pending, staging)
+        else:
+            pending.committing = Future()
+            pending.committing.set_result(errors[0] if errors else self._commit_files(pending, staging))
 
     def _commit_files(self, pending: _PendingSave, staging: Path | None) -> str | None:
         """The coordinator's commit of a save whose every part is durable (DCP metadata, commit record,
@@ -596,7 +598,7 @@ class CPRCheckpointer:
                 print(f"warning: the step-{step} {kind} save failed and was abandoned ({outcome}); training "
                       "goes on and the next save retries", file=sys.stderr)
             return
-        persist_seconds = (pending.future.result() if pending.future else pending.written)[3]
+        persist_seconds = pending.write_result()[3]
         self.ledger.record_save(step, kind, sum(r.nbytes for records, _ in pending.gathered for r in records.values()),
                                 pending.stall_seconds + time.perf_counter() - started, persist_seconds)
 
@@ -855,7 +857,7 @@ class CPRCheckpointer:
             self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
             return
         self._undo_save(pending, "a rank died before the save committed")
-        staging = (pending.future.result() if pending.future else pending.written)[2]
+        staging = pending.write_result()[2]
         if self.coordinator.is_coordinator and staging is not None:
             self.store.abandon(staging)  # (a replaced coordinator's staging folder goes as a dead writer's)
 

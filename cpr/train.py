@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_skipped": dataset.stats.rows_skipped,
         **job.report(),
     }
-    if ckpt.coordinator.is_coordinator:
+    if coordinator.is_coordinator:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     job.close()
     return summary
