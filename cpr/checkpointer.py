@@ -14,13 +14,14 @@ in the same order: they are collective (bounded by the coordinator's timeout).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from cpr.planning import ClusterProfile, PlanResult, plan
 from cpr.policies import make_policy
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.shards import ShardLayout
+from cpr.snapshot import RowSnapshot, SnapshotMode
 from cpr.storage import (
     DENSE_PART,
     CheckpointMismatchError,
@@ -124,8 +126,8 @@ POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a f
 
 
 class _SelectedRows(NamedTuple):
-    """A subset save's rows of one table: ascending local ids, their copied tensors by name, and each local
-    domain's [low, high) slice of both."""
+    """A subset save's rows of one table: ascending local ids, their tensors' rows by name (copies), and each
+    local domain's [low, high) slice of both."""
 
     ids: torch.Tensor
     copies: dict[str, torch.Tensor]
@@ -136,10 +138,15 @@ class _SelectedRows(NamedTuple):
 class _PendingSave:
     """A save whose snapshot is taken and whose parts are being written (or were, when `written` is set),
     then committed: every rank's part records are gathered (`gathered`), the coordinator writes the commit
-    in the background (`committing`, the outcome: None or why it failed) and every rank learns the outcome."""
+    in the background (`committing`, the outcome: None or why it failed) and every rank learns the outcome.
+
+    The domains' parts are read from `snapshot`: at once (into `parts`), or by the writer thread from a
+    copy-on-write snapshot (see cpr/snapshot.py)."""
 
     decision: SavePlan
-    parts: dict[str, PartContent]
+    snapshot: RowSnapshot
+    parts: dict[str, PartContent]  # the parts taken at the snapshot (the dense part; the domains' unless read later)
+    ledger: dict[str, Any] | None  # a full save's copy of this process's record, kept in its first domain part
     counts: dict[str, torch.Tensor]  # the access counters the save cleared, given back should it fail
     extra: dict[str, Any]  # the commit record's: reader position and policy state at the snapshot
     unsaved: int = 0  # the access counts above, summed: updates that are lost should this save not commit
@@ -147,7 +154,7 @@ class _PendingSave:
     written: tuple | None = None
     gathered: list[tuple[dict[str, PartRecord], str | None]] | None = None
     committing: Future | None = None
-    stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, gathering, settling
+    stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, preserving rows, gathering, settling
 
     def write_result(self) -> tuple:
         """This rank's write: (part records, error or None, staging folder, persist seconds), waiting for the
@@ -269,6 +276,10 @@ class CPRCheckpointer:
                                          {t: (meta.dtype, meta.dim) for t, meta in self._table_meta.items()})
         # Sharded models report the rows each rank's shards serve; plain modules are observed per batch.
         self._hooked = hook_served_lookups(model, self._record_lookups)
+        # A hooked lookup of fused tables in host memory comes before its step changes the rows, so an
+        # asynchronous save snapshots them copy-on-write (see cpr/snapshot.py); otherwise it copies them at once.
+        copy_on_write = self._hooked and self.tables.fused and RowSnapshot.supports_copy_on_write(self._row_tensors())
+        self._snapshot_mode: SnapshotMode = "view" if not async_save else "copy_on_write" if copy_on_write else "copy"
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
         self._pending: _PendingSave | None = None
@@ -332,6 +343,11 @@ class CPRCheckpointer:
         self.tracker.observe(kjt)
         self.policy.observe(kjt)
         self.ledger.record_updates(int(kjt.values().numel()))
+        pending = self._pending
+        if pending is not None and pending.snapshot.preserving:
+            started = time.perf_counter()
+            pending.snapshot.preserve_lookups(kjt, self.tracker.feature_to_table)
+            pending.stall_seconds += time.perf_counter() - started
 
     def step(self) -> SavePlan | None:
         """Count one finished training step; commit a save whose background write has finished, and start
@@ -396,8 +412,26 @@ class CPRCheckpointer:
         return SavePlan("subset", rows={t: ids for t, ids in dirty.items() if ids.numel()},
                         reason=f"differential: {decision.reason}", differential=True)
 
-    def _domain_part(self, domain: int, decision: SavePlan,
-                     selected: Mapping[str, _SelectedRows]) -> PartContent | None:
+    def _row_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every local table's live per-row tensors (weight, row-wise optimizer state) by their save names."""
+        return {table: {weight_name(table): self.tables.weight(table),
+                        **{state_name(table, s): v for s, v in self.tables.row_states(table).items()}}
+                for table in self.tables.tables}
+
+    def _domain_parts(self, pending: _PendingSave) -> Iterator[tuple[str, PartContent]]:
+        """This process's domain parts of a save, read from its snapshot one part at a time."""
+        decision = pending.decision
+        selected = self._selected_rows(decision, pending.snapshot) if decision.kind == "subset" else {}
+        for i, domain in enumerate(self.layout.local):
+            content = self._domain_part(domain, decision, selected, pending.snapshot)
+            if content is not None and i == 0 and pending.ledger is not None:
+                # This process's record of the run so far: a resumed run continues it (every rank keeps its own).
+                content = dataclasses.replace(content, extra={"ledger": pending.ledger})
+            if content is not None:
+                yield domain_part(domain), content
+
+    def _domain_part(self, domain: int, decision: SavePlan, selected: Mapping[str, _SelectedRows],
+                     snapshot: RowSnapshot) -> PartContent | None:
         """Domain `domain`'s rows (all of them, or its share of a subset's `selected` rows) with their
         row-wise state; the weights stored with `weight_codec`."""
         tensors: dict[str, torch.Tensor] = {}
@@ -405,10 +439,8 @@ class CPRCheckpointer:
         rows: dict[str, tuple[int, int]] = {}
         chunks: dict[str, Chunk] = {}
         for table, (start, end) in self.layout.held(domain).items():
-            if decision.kind == "full":  # copies: training goes on while they are written
-                tensors[weight_name(table)] = self.tables.weight(table)[start:end].detach().clone()
-                tensors.update({state_name(table, s): v[start:end].detach().clone()
-                                for s, v in self.tables.row_states(table).items()})
+            if decision.kind == "full":
+                tensors.update({name: snapshot.rows(table, name, start, end) for name in snapshot.names(table)})
                 info = self.tables.tables[table]
                 chunks.update(table_chunks(table, info.state_key, info.rows, self.layout.global_rows(table, domain)[0],
                                            tensors))
@@ -428,37 +460,19 @@ class CPRCheckpointer:
         stored = {weight_name(table): self.weight_codec for table in tables} if self.weight_codec != "raw" else {}
         return PartContent(tensors, tables, rows, codecs=stored, chunks=chunks)
 
-    def _selected_rows(self, decision: SavePlan) -> dict[str, _SelectedRows]:
-        """A subset save's rows of each local table copied at once (one index_select per tensor, not one per
-        domain): ascending ids, the copies by tensor name, and each local domain's slice of them."""
+    def _selected_rows(self, decision: SavePlan, snapshot: RowSnapshot) -> dict[str, _SelectedRows]:
+        """A subset save's rows of each local table read from the snapshot (one index_select per tensor, not
+        one per domain): ascending ids, the copies by tensor name, and each local domain's slice of them."""
         selected = {}
         for table, ids in decision.rows.items():
             if table not in self.tables.tables:
                 continue
             ids = ids.to(torch.int64).sort().values
-            copies = {weight_name(table): self.tables.weight(table).index_select(0, ids)}
-            copies.update({state_name(table, s): v.index_select(0, ids) for s, v in self.tables.row_states(table).items()})
+            copies = {name: snapshot.select(table, name, ids) for name in snapshot.names(table)}
             bounds = torch.tensor([self.layout.ranges[table][d] for d in self.layout.local], dtype=torch.int64)
             cuts = dict(zip(self.layout.local, map(tuple, torch.searchsorted(ids, bounds.reshape(-1, 2)).tolist())))
             selected[table] = _SelectedRows(ids, copies, cuts)
         return selected
-
-    def _parts(self, decision: SavePlan, policy_tensors: Mapping[str, torch.Tensor]) -> dict[str, PartContent]:
-        parts = {}
-        selected = self._selected_rows(decision) if decision.kind == "subset" else {}
-        for domain in self.layout.local:
-            content = self._domain_part(domain, decision, selected)
-            if content is not None:
-                parts[domain_part(domain)] = content
-        if decision.kind == "full" and self.layout.local:
-            # This process's record of the run so far: a resumed run continues it (every rank keeps its own).
-            first = domain_part(self.layout.local[0])
-            parts[first] = dataclasses.replace(parts[first], extra={"ledger": self.ledger.state_dict()})
-        if decision.kind == "full" and self.coordinator.is_coordinator:
-            snapshot = dense.capture(self.model, self.optimizer, self.tables)
-            parts[DENSE_PART] = PartContent({**snapshot, **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}},
-                                            chunks=dense.chunks(snapshot))
-        return parts
 
     def _save(self, decision: SavePlan) -> None:
         """Snapshot what `decision` saves, then persist it (in the background, or here with `async_save`
@@ -469,21 +483,30 @@ class CPRCheckpointer:
         step = self.global_step
         policy_state = self.policy.state_dict()
         policy_tensors = {k: v for k, v in policy_state.items() if isinstance(v, torch.Tensor)}
-        parts = self._parts(decision, policy_tensors)
+        wanted = None if decision.kind == "full" else {t: ids for t, ids in decision.rows.items() if t in self.tables.tables}
         pending = _PendingSave(
             decision=dataclasses.replace(decision, step=step),
-            parts=parts,
+            snapshot=RowSnapshot(self._row_tensors(), self._snapshot_mode, wanted),
+            parts={},
+            ledger=self.ledger.state_dict() if decision.kind == "full" else None,
             counts=({t: self.tracker.counts(t) for t in self.tables.tables} if decision.kind == "full" else
                     {t: self.tracker.counts(t, rows=ids) for t, ids in decision.rows.items() if t in self.tables.tables}),
             extra={"reader": self.reader.state_dict() if self.reader is not None else None,
                    "policy": {k: v for k, v in policy_state.items() if k not in policy_tensors},
                    "reason": decision.reason, "every_row": decision.saves_every_row},
         )
-        pending.unsaved = sum(int(c.sum()) for c in pending.counts.values())
+        if not pending.snapshot.preserving:
+            pending.parts.update(self._domain_parts(pending))  # read now: training changes the rows next
+        if decision.kind == "full" and self.coordinator.is_coordinator:
+            snapshot = dense.capture(self.model, self.optimizer, self.tables)
+            pending.parts[DENSE_PART] = PartContent(
+                {**snapshot, **{POLICY_PREFIX + k: v for k, v in policy_tensors.items()}}, chunks=dense.chunks(snapshot))
         # The marks and the policy's plan take this save into account now, whenever its write finishes, so a
         # seeded run decides the same whatever the disk's speed; should the save fail, both are undone and
         # the next save retries.
+        unsaved = self.tracker.pending_total()
         self._mark_saved(pending.decision)
+        pending.unsaved = unsaved - self.tracker.pending_total()  # the accesses the marks cleared
         self.policy.after_save(pending.decision)
         if self._executor is None:
             pending.written = self._persist(pending)
@@ -509,14 +532,18 @@ class CPRCheckpointer:
         decision = pending.decision
         records: dict[str, PartRecord] = {}
         error, staging = None, None
-        if pending.parts or self.coordinator.world_size > 1:
-            try:
-                staging = self.store.stage(decision.step, decision.kind, self._staging_tag)
-                for name, content in pending.parts.items():
-                    records[name] = self.store.write_part(staging, name, decision.step, decision.kind,
-                                                          self.policy.name, content)
-            except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
-                error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
+        # Parts still to read from a copy-on-write snapshot come first: training stops preserving rows sooner.
+        parts = itertools.chain(self._domain_parts(pending) if pending.snapshot.preserving else (),
+                                pending.parts.items())
+        try:
+            staging = self.store.stage(decision.step, decision.kind, self._staging_tag)
+            for name, content in parts:
+                records[name] = self.store.write_part(staging, name, decision.step, decision.kind,
+                                                      self.policy.name, content)
+        except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
+            error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
+        finally:
+            pending.snapshot.release()
         return records, error, staging, time.perf_counter() - started
 
     def _poll_pending(self) -> None:
@@ -897,11 +924,7 @@ class CPRCheckpointer:
 
     # -- Stateful ---------------------------------------------------------------------------------------
     def _full_tensors(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for table in self.tables.tables:
-            tensors[weight_name(table)] = self.tables.weight(table)
-            for state, value in self.tables.row_states(table).items():
-                tensors[state_name(table, state)] = value
+        tensors = {name: value for named in self._row_tensors().values() for name, value in named.items()}
         tensors.update(dense.capture(self.model, self.optimizer, self.tables))
         return tensors
 

@@ -154,6 +154,12 @@ class EmbeddingTables:
         self.__dict__.update(moved.__dict__)  # everyone holding this object now sees the rebuilt model's tables
 
     @property
+    def fused(self) -> bool:
+        """Whether fbgemm's fused kernel updates the rows (in the backward pass): then a step changes exactly
+        the rows it looks up, whereas a plain optimizer may step rows it did not look up (Adam's momentum)."""
+        return self._fused_states is not None
+
+    @property
     def feature_to_table(self) -> dict[str, str]:
         return {feature: info.name for info in self.tables.values() for feature in info.features}
 

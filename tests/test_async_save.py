@@ -9,11 +9,13 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 
 from cpr import CPRCheckpointer
-from cpr.storage import CheckpointStore
-from tests.test_checkpointer import ebc_step, make_batch, plain_ebc
+from cpr.storage import DENSE_PART, CheckpointStore
+from cpr.storage.names import ids_name, state_name, weight_name
+from tests.test_checkpointer import ebc_step, make_batch, plain_ebc, train_step
 from tests.test_storage import REPO
 
 ROWS = [64, 48, 32]
@@ -147,3 +149,62 @@ def test_no_save_is_started_at_the_jobs_last_step(tmp_path):
         ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
     ckpt.flush()
     assert [s.step for s in ckpt.store.saves()] == [0, 2]  # none at step 4: no failure of the job can follow it
+
+
+@pytest.mark.parametrize("policy, options", [("partial", None), ("mfu", {"subset_interval_steps": 5})])
+def test_a_save_written_while_training_changes_its_rows_holds_the_rows_of_its_step(dmp_model, tmp_path, policy,
+                                                                                 options):
+    """A DMP model's async save (a full save of `partial`, a subset save of `mfu`) is a copy-on-write snapshot:
+    its writer is held back while three more steps change rows it holds, and it still writes the rows of its
+    own step."""
+    model, optimizer = dmp_model
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_shards=2, total_steps=100,
+                           interval_steps=4 if options is None else 20, policy_options=options, keep_last=10)
+    held, release = [], threading.Event()
+    real_write = ckpt.store.write_part
+
+    def held_write(staging, part, step, *args):
+        if step > 0 and not held:
+            held.append(step)
+            assert release.wait(60)
+        return real_write(staging, part, step, *args)
+
+    ckpt.store.write_part = held_write
+    gen = torch.Generator().manual_seed(3)
+    at_save = None
+    while at_save is None:
+        batch = make_batch(gen)
+        optimizer.zero_grad()
+        model(batch)[0].backward()
+        optimizer.step()
+        if ckpt.step() is not None:
+            at_save = {name: value.clone() for name, value in _row_tensors(ckpt).items()}
+            step = ckpt.global_step
+    for _ in range(3):  # the save's writer waits meanwhile (the next save is due later)
+        train_step(model, optimizer, ckpt, make_batch(gen))
+    release.set()
+    ckpt.flush()
+    save = next(s for s in ckpt.store.saves() if s.step == step)
+    live, changed = _row_tensors(ckpt), 0
+    for part in save.parts:
+        if part == DENSE_PART:
+            continue
+        loaded = ckpt.store.load_part(save, part)
+        for table, (start, end) in ckpt.layout.held(int(part.removeprefix("domain-"))).items():
+            ids = loaded.tensors.get(ids_name(table))
+            if ids is None and save.kind == "subset":
+                continue
+            rows = torch.arange(start, end) if ids is None else ids + start
+            for name in (n for n in at_save if n.startswith(f"emb/{table}/")):
+                assert torch.equal(loaded.tensors[name], at_save[name][rows]), (part, name)
+                changed += int((live[name][rows] != at_save[name][rows]).any())
+    assert held and changed  # the writer really read rows that training had changed since
+    ckpt.close()
+
+
+def _row_tensors(ckpt: CPRCheckpointer) -> dict[str, torch.Tensor]:
+    out = {}
+    for table in ckpt.tables.tables:
+        out[weight_name(table)] = ckpt.tables.weight(table)
+        out.update({state_name(table, s): v for s, v in ckpt.tables.row_states(table).items()})
+    return out
