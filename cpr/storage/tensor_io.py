@@ -12,15 +12,19 @@ A tensor's bytes are framed one of two ways:
   DCP checkpoint (see dcp_format.py). The serialization is an uncompressed zip whose `data/0` record is the
   tensor's storage; the manifest records where that record's bytes start (`payload_offset`), so CPR reads
   them by offset and never unpickles the record's `data.pkl`. The crc32 covers the whole serialization.
+  torch.save writes straight into the part's file (`_SerializationStream`), without its own per-record
+  crc32s, so the crc32 is the only pass over the bytes besides the write.
 """
 import io
 import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
+from typing import IO
 
 import numpy as np
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from . import codecs, files, location
 from .errors import CorruptCheckpointError
@@ -57,19 +61,24 @@ def _storage_record_offset(serialized: io.BytesIO, payload: int) -> int:
 _ZIP_DESCRIPTORS = (struct.Struct("<4s4xII"), struct.Struct("<4s4xQQ"))  # after a record: its sizes (zip64: 8 bytes)
 
 
-def _is_storage_record(buffer: bytearray, start: int, payload: int) -> bool:
-    """Whether a zip record of exactly `payload` bytes starts at `start` of a torch.save serialization: its data
-    descriptor (PyTorchStreamWriter writes one after each non-empty record) follows them and states that size;
-    an empty record is followed by the next record's local header."""
-    if payload == 0:
-        return buffer[start:start + 4] == b"PK\x03\x04"
+def _states_size(buffer: bytes | bytearray, at: int, payload: int) -> bool:
+    """Whether the data descriptor that PyTorchStreamWriter writes after each non-empty zip record starts at
+    `at` of `buffer` and states a record of exactly `payload` bytes."""
     for descriptor in _ZIP_DESCRIPTORS:
-        end = start + payload + descriptor.size
-        if end <= len(buffer):
-            signature, stored, size = descriptor.unpack_from(buffer, start + payload)
+        if at + descriptor.size <= len(buffer):
+            signature, stored, size = descriptor.unpack_from(buffer, at)
             if signature == b"PK\x07\x08" and stored == size == payload:
                 return True
     return False
+
+
+def _is_storage_record(buffer: bytearray, start: int, payload: int) -> bool:
+    """Whether a zip record of exactly `payload` bytes starts at `start` of a torch.save serialization: its data
+    descriptor follows them and states that size; an empty record is followed by the next record's local
+    header."""
+    if payload == 0:
+        return buffer[start:start + 4] == b"PK\x03\x04"
+    return _states_size(buffer, start + payload, payload)
 
 
 def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -79,6 +88,73 @@ def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor
+
+
+class _SerializationStream:
+    """The file-like object a tensor's torch.save writes into, passing the serialization on to `file` with a
+    running crc32, so that it is neither copied into a buffer nor read a second time.
+
+    torch.save hands over zero-copy views, its storage record's bytes as one view of the tensor's own memory:
+    that chunk is recognized by its address and passed on as it is. Every other chunk (zip headers, the
+    pickle: a few hundred bytes in dozens of writes) is kept in `metadata` and passed on in one write
+    before the storage's bytes and one at `flush`; in `metadata`, the storage record's data descriptor
+    starts where its bytes were left out (`payload_at`). An empty storage writes no chunk, so `metadata` is
+    then the whole serialization, read as a zip to find the record.
+    """
+
+    def __init__(self, file: IO[bytes], storage: torch.Tensor) -> None:
+        self._file = file
+        self._storage = (storage.data_ptr(), storage.nbytes)
+        self._passed = 0  # how much of `metadata` was passed on
+        self.metadata = bytearray()
+        self.payload_at: int | None = None
+        self.nbytes = 0
+        self.checksum = 0
+
+    def write(self, chunk: memoryview) -> int:
+        size = chunk.nbytes
+        if size == self._storage[1] and np.frombuffer(chunk, dtype=np.uint8).ctypes.data == self._storage[0]:
+            self.flush()
+            self.payload_at = len(self.metadata)
+            self._pass_on(chunk)
+        else:
+            self.metadata += chunk
+        return size
+
+    def flush(self) -> None:
+        """Pass on the metadata written since the last flush (torch.save flushes when done)."""
+        if self._passed < len(self.metadata):
+            self._pass_on(memoryview(self.metadata[self._passed:]))
+            self._passed = len(self.metadata)
+
+    def _pass_on(self, chunk: memoryview) -> None:
+        self._file.write(chunk)
+        self.checksum = zlib.crc32(chunk, self.checksum)
+        self.nbytes += chunk.nbytes
+
+    def payload_offset(self, payload: int) -> int:
+        """Where the storage record's `payload` bytes start in the serialization (ValueError if they cannot be
+        found and checked)."""
+        if self.payload_at is None:
+            return _storage_record_offset(io.BytesIO(self.metadata), payload)
+        if not _states_size(self.metadata, self.payload_at, payload):
+            raise ValueError(f"torch.save wrote no data/0 record of {payload} bytes")
+        return self.payload_at
+
+
+def _write_torch_save(file: IO[bytes], stored: torch.Tensor) -> tuple[int, int, int]:
+    """Append a torch.save serialization of `stored` (owning exactly its storage) to `file`; return its size,
+    its crc32 and where its storage record's bytes start in it.
+
+    torch's own crc32 of each zip record is left out (zeros; patched for this thread only): the crc32 in the
+    manifest covers every byte, and torch.load, which DCP's reader and dcp_to_torch_save use, does not check
+    them; computing them would be a second pass over the bytes.
+    """
+    stream = _SerializationStream(file, stored)
+    with serialization_config.patch({"save.compute_crc32": False}):
+        torch.save(stored, stream)
+    stream.flush()
+    return stream.nbytes, stream.checksum, stream.payload_offset(stored.nbytes)
 
 
 def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: Mapping[str, str] | None = None,
@@ -103,13 +179,11 @@ def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: M
                 raise ValueError(f"tensor {name!r}: {problem}")
             stored = codecs.encode(codec, tensor)
             if torch_save:
-                serialized = io.BytesIO()
-                torch.save(_exact_storage(stored), serialized)
-                data, payload_offset = serialized.getbuffer(), _storage_record_offset(serialized, stored.nbytes)
+                nbytes, checksum, payload_offset = _write_torch_save(f, _exact_storage(stored))
             else:
-                data, payload_offset = memoryview(_as_bytes(stored)), 0
-            f.write(data)
-            nbytes, checksum = data.nbytes, zlib.crc32(data)
+                data = memoryview(_as_bytes(stored))
+                f.write(data)
+                nbytes, checksum, payload_offset = data.nbytes, zlib.crc32(data), 0
             entries.append(TensorEntry(name=name, file=path.name, dtype=dtype, shape=tuple(tensor.shape),
                                        nbytes=nbytes, checksum=checksum, offset=offset, codec=codec,
                                        payload_offset=payload_offset))
