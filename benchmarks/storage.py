@@ -152,11 +152,12 @@ def dcp_numbers(model, optimizer, folder: Path, repeats: int) -> dict:
 
 
 def cpr_full_saves(model, optimizer, folder: Path, repeats: int, async_save: bool,
-                   quantize: str = "none") -> tuple[int, float]:
+                   quantize: str = "none", num_shards: int | None = None) -> tuple[int, float]:
     """(bytes, median seconds) of `repeats` full saves after the initial one, snapshot to commit: policy
-    `full` saving at every step, each step waiting for its save to commit."""
+    `full` saving at every step, each step waiting for its save to commit; `num_shards` emulated domains (the
+    profile's 16 by default)."""
     ckpt = CPRCheckpointer(model, optimizer, folder / "speed", policy="full", total_steps=10**6, interval_steps=1,
-                           keep_last=1, async_save=async_save, quantize=quantize)
+                           keep_last=1, async_save=async_save, quantize=quantize, num_shards=num_shards)
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -333,12 +334,15 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
     dd = dd_mb_s(folder, raw_bytes, args.repeats)
     sync_bytes, raw_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False)
     async_bytes, async_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=True)
+    # One domain per process, as each rank of a multi-rank job holds: a DCP chunk per table and state, as
+    # dcp.save writes, instead of one per table, state and emulated domain.
+    one_bytes, one_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False, num_shards=1)
 
     out = {"rows_cap": args.rows, "table_rows": sum(rows), "bytes": raw_bytes,
            "bytes_per_save": {"raw": raw_bytes, "diff": diff.bytes},
            "diff_after": {"steps": args.diff_steps, "batch_size": args.batch_size},
            "mb_s": {"dd": dd, "cpr_sync": sync_bytes / raw_seconds / 1e6,
-                    "cpr_async": async_bytes / async_seconds / 1e6,
+                    "cpr_async": async_bytes / async_seconds / 1e6, "cpr_sync_one_domain": one_bytes / one_seconds / 1e6,
                     **dcp_numbers(model, optimizer, folder, args.repeats)},
            "save_seconds": {"raw": raw_seconds},
            "restore_one_domain_read_ratio": restore_ratio}
@@ -350,6 +354,8 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
     out["bytes_ratio"] = {k: v / raw_bytes for k, v in out["bytes_per_save"].items()}
     out["mb_s"]["cpr_sync_over_dd"] = out["mb_s"]["cpr_sync"] / dd
     out["mb_s"]["cpr_sync_over_dcp"] = out["mb_s"]["cpr_sync"] / out["mb_s"]["dcp"]
+    out["mb_s"]["cpr_sync_one_domain_over_dd"] = out["mb_s"]["cpr_sync_one_domain"] / dd
+    out["mb_s"]["cpr_sync_one_domain_over_dcp"] = out["mb_s"]["cpr_sync_one_domain"] / out["mb_s"]["dcp"]
     out["parts_per_full_save"] = len(ckpt.layout.local) + 1  # every domain's part and the dense part
     return out
 

@@ -44,7 +44,7 @@ from cpr.storage import (
     CorruptCheckpointError,
     LoadedPart,
     PartContent,
-    PartRecord,
+    WrittenPart,
     SaveInfo,
     SkippedSaveWarning,
     TableMeta,
@@ -147,17 +147,17 @@ class _PendingSave:
     snapshot: RowSnapshot
     parts: dict[str, PartContent]  # the parts taken at the snapshot (the dense part; the domains' unless read later)
     ledger: dict[str, Any] | None  # a full save's copy of this process's record, kept in its first domain part
-    counts: dict[str, torch.Tensor]  # the access counters the save cleared, given back should it fail
     extra: dict[str, Any]  # the commit record's: reader position and policy state at the snapshot
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # the access counters the save cleared, given back should it fail
     unsaved: int = 0  # the access counts above, summed: updates that are lost should this save not commit
     future: Future | None = None
     written: tuple | None = None
-    gathered: list[tuple[dict[str, PartRecord], str | None]] | None = None
+    gathered: list[tuple[dict[str, WrittenPart], str | None]] | None = None
     committing: Future | None = None
     stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, preserving rows, gathering, settling
 
     def write_result(self) -> tuple:
-        """This rank's write: (part records, error or None, staging folder, persist seconds), waiting for the
+        """This rank's write: (written parts, error or None, staging folder, persist seconds), waiting for the
         writer thread if it is still at it."""
         return self.future.result() if self.future is not None else self.written
 
@@ -185,8 +185,10 @@ class CPRCheckpointer:
         joining: this process replaces a killed rank of a supervised job: it neither saves nor loads here;
             `rejoin`, called with the survivors, brings its state (see `cpr.elastic`).
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
-        async_save: write saves in a background thread while training goes on (the snapshot copy is the
-            only stall); False writes them inside `step()`.
+        async_save: write saves in a background thread while training goes on; False writes them inside
+            `step()`. A DMP model's rows are snapshotted copy-on-write (the lookup hook keeps a row's values
+            before its step changes them, see cpr/snapshot.py): code that changes rows other than by a
+            training step must call `flush()` first (CPR's own recovery and loading do).
         overwrite: a new run (not `resume`) in a folder holding an earlier run's saves deletes them; without
             it that is an error, since mixing two runs' saves would restore rows of the other run.
         quantize: how saves store embedding weights: "none" (raw), "int8" or "int4" (row-wise quantized with
@@ -489,8 +491,6 @@ class CPRCheckpointer:
             snapshot=RowSnapshot(self._row_tensors(), self._snapshot_mode, wanted),
             parts={},
             ledger=self.ledger.state_dict() if decision.kind == "full" else None,
-            counts=({t: self.tracker.counts(t) for t in self.tables.tables} if decision.kind == "full" else
-                    {t: self.tracker.counts(t, rows=ids) for t, ids in decision.rows.items() if t in self.tables.tables}),
             extra={"reader": self.reader.state_dict() if self.reader is not None else None,
                    "policy": {k: v for k, v in policy_state.items() if k not in policy_tensors},
                    "reason": decision.reason, "every_row": decision.saves_every_row},
@@ -505,7 +505,7 @@ class CPRCheckpointer:
         # seeded run decides the same whatever the disk's speed; should the save fail, both are undone and
         # the next save retries.
         unsaved = self.tracker.pending_total()
-        self._mark_saved(pending.decision)
+        pending.counts = self._take_marks(pending.decision)
         pending.unsaved = unsaved - self.tracker.pending_total()  # the accesses the marks cleared
         self.policy.after_save(pending.decision)
         if self._executor is None:
@@ -517,20 +517,23 @@ class CPRCheckpointer:
         if self._executor is None:
             self._commit(pending)
 
-    def _mark_saved(self, decision: SavePlan) -> None:
+    def _take_marks(self, decision: SavePlan) -> dict[str, torch.Tensor]:
+        """Mark the rows `decision` saves as saved (their access counters restart from 0) and return the
+        counters this cleared, to give back should the save fail."""
         if decision.kind == "full":
-            for table in self.tables.tables:
-                self.tracker.mark_saved(table)
-        else:
-            for table, ids in decision.rows.items():
-                if table in self.tables.tables:
-                    self.tracker.mark_saved(table, rows=ids)
+            return self.tracker.take_counts()
+        taken = {}
+        for table, ids in decision.rows.items():
+            if table in self.tables.tables:
+                taken[table] = self.tracker.counts(table, rows=ids)
+                self.tracker.mark_saved(table, rows=ids)
+        return taken
 
-    def _persist(self, pending: _PendingSave) -> tuple[dict[str, PartRecord], str | None, Path | None, float]:
-        """Write this process's parts into the save's staging folder: (records, error, staging, seconds)."""
+    def _persist(self, pending: _PendingSave) -> tuple[dict[str, WrittenPart], str | None, Path | None, float]:
+        """Write this process's parts into the save's staging folder: (parts, error, staging, seconds)."""
         started = time.perf_counter()
         decision = pending.decision
-        records: dict[str, PartRecord] = {}
+        written: dict[str, WrittenPart] = {}
         error, staging = None, None
         # Parts still to read from a copy-on-write snapshot come first: training stops preserving rows sooner.
         parts = itertools.chain(self._domain_parts(pending) if pending.snapshot.preserving else (),
@@ -538,13 +541,13 @@ class CPRCheckpointer:
         try:
             staging = self.store.stage(decision.step, decision.kind, self._staging_tag)
             for name, content in parts:
-                records[name] = self.store.write_part(staging, name, decision.step, decision.kind,
+                written[name] = self.store.write_part(staging, name, decision.step, decision.kind,
                                                       self.policy.name, content)
         except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
             error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
         finally:
             pending.snapshot.release()
-        return records, error, staging, time.perf_counter() - started
+        return written, error, staging, time.perf_counter() - started
 
     def _poll_pending(self) -> None:
         """Move the save in flight on, without waiting: once every rank has written its parts, gather their
@@ -575,12 +578,12 @@ class CPRCheckpointer:
             self._settle(pending)
 
     def _gather(self, pending: _PendingSave) -> None:
-        """Wait for this process's parts and gather every rank's part records; the coordinator then starts
+        """Wait for this process's parts and gather every rank's written parts; the coordinator then starts
         the commit (in the background with `async_save`), or abandons the save if a rank failed to write.
 
         Should a rank die meanwhile (CoordinationError), the save stays pending: `rejoin` settles it."""
-        records, error, staging, _ = pending.write_result()
-        gathered = self.coordinator.all_gather((records, error))
+        written, error, staging, _ = pending.write_result()
+        gathered = self.coordinator.all_gather((written, error))
         pending.gathered = gathered
         errors = [e for _, e in gathered if e]
         if pending.decision.kind == "subset" and not errors and not any(r for r, _ in gathered):
@@ -604,7 +607,7 @@ class CPRCheckpointer:
         try:
             self.store.commit(
                 staging, pending.decision.step, pending.decision.kind, self.policy.name,
-                {k: v for r, _ in pending.gathered for k, v in r.items()},
+                {name: part for written, _ in pending.gathered for name, part in written.items()},
                 world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
                 num_domains=self.layout.num_shards, extra=pending.extra,
             )
@@ -626,7 +629,7 @@ class CPRCheckpointer:
                       "goes on and the next save retries", file=sys.stderr)
             return
         persist_seconds = pending.write_result()[3]
-        self.ledger.record_save(step, kind, sum(r.nbytes for records, _ in pending.gathered for r in records.values()),
+        self.ledger.record_save(step, kind, sum(w.record.nbytes for written, _ in pending.gathered for w in written.values()),
                                 pending.stall_seconds + time.perf_counter() - started, persist_seconds)
 
     def _undo_save(self, pending: _PendingSave, error: str) -> None:

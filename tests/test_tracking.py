@@ -140,6 +140,20 @@ def test_unknown_feature_raises():
         tracker.observe(make_kjt({"g": torch.tensor([1])}, batch=1, dtype=torch.int64))
 
 
+def test_take_counts_resets_every_counter_and_add_counts_gives_them_back():
+    tracker = AccessTracker({"t": 50, "u": 20}, {"f": "t", "g": "u"})
+    gen = torch.Generator().manual_seed(0)
+    tracker.observe(make_kjt({"f": uniform_ids(50, 40, gen), "g": uniform_ids(20, 30, gen)}, batch=4, dtype=torch.int64))
+    before = {t: tracker.counts(t) for t in ("t", "u")}
+    taken = tracker.take_counts()
+    assert all(torch.equal(taken[t], before[t]) for t in before) and tracker.pending_total() == 0
+    assert all(tracker.counts(t).sum() == 0 for t in before)
+    tracker.observe(make_kjt({"f": torch.tensor([3, 3]), "g": torch.tensor([1])}, batch=1, dtype=torch.int64))
+    for table, counts in taken.items():  # the save failed: its accesses are pending again, with the new ones
+        tracker.add_counts(table, counts)
+    assert tracker.pending_total() == 73 and int(tracker.counts("t")[3]) == int(before["t"][3]) + 2
+
+
 def test_mark_saved_resets_counts_and_cleans_rows():
     tracker = AccessTracker({"t": 200}, {"f": "t"})
     ids = torch.arange(200).repeat_interleave(4)  # every row accessed 4 times

@@ -20,6 +20,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 import numpy as np
@@ -82,12 +83,20 @@ def _is_storage_record(buffer: bytearray, start: int, payload: int) -> bool:
 
 
 def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` on the CPU, contiguous and owning a storage of exactly its own bytes (torch.save writes the
-    whole storage of a view)."""
+    """`tensor` on the CPU, contiguous, over a storage of exactly its own bytes (torch.save writes the whole
+    storage of a view). A view (a domain's rows of a live table, written by a synchronous save) is not copied:
+    numpy wraps its bytes, and torch a storage of exactly those."""
     tensor = tensor.detach().cpu().contiguous()
     if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.clone()
+        exact = torch.from_numpy(tensor.reshape(-1).view(torch.uint8).numpy())
+        tensor = exact.view(tensor.dtype).reshape(tensor.shape)
     return tensor
+
+
+# A storage of at least this many bytes has its crc32 computed on `_CRC32_THREAD` while it is written (below
+# it, handing it over costs more than it saves). One thread for the process: a crc32 task never waits.
+_OVERLAPPED_CRC32_BYTES = 1 << 20
+_CRC32_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-crc32")
 
 
 class _SerializationStream:
@@ -128,8 +137,14 @@ class _SerializationStream:
             self._passed = len(self.metadata)
 
     def _pass_on(self, chunk: memoryview) -> None:
-        self._file.write(chunk)
-        self.checksum = zlib.crc32(chunk, self.checksum)
+        if chunk.nbytes >= _OVERLAPPED_CRC32_BYTES:
+            # Both release the GIL: the crc32 of a large storage runs on another core while it is written.
+            checksum = _CRC32_THREAD.submit(zlib.crc32, chunk, self.checksum)
+            self._file.write(chunk)
+            self.checksum = checksum.result()
+        else:
+            self._file.write(chunk)
+            self.checksum = zlib.crc32(chunk, self.checksum)
         self.nbytes += chunk.nbytes
 
     def payload_offset(self, payload: int) -> int:
@@ -144,17 +159,17 @@ class _SerializationStream:
 
 def _write_torch_save(file: IO[bytes], stored: torch.Tensor) -> tuple[int, int, int]:
     """Append a torch.save serialization of `stored` (owning exactly its storage) to `file`; return its size,
-    its crc32 and where its storage record's bytes start in it.
-
-    torch's own crc32 of each zip record is left out (zeros; patched for this thread only): the crc32 in the
-    manifest covers every byte, and torch.load, which DCP's reader and dcp_to_torch_save use, does not check
-    them; computing them would be a second pass over the bytes.
-    """
+    its crc32 and where its storage record's bytes start in it. Call within `_WITHOUT_ZIP_CRC32`."""
     stream = _SerializationStream(file, stored)
-    with serialization_config.patch({"save.compute_crc32": False}):
-        torch.save(stored, stream)
+    torch.save(stored, stream)
     stream.flush()
     return stream.nbytes, stream.checksum, stream.payload_offset(stored.nbytes)
+
+
+# torch's own crc32 of each zip record is left out (zeros; patched for the calling thread only): the crc32 in
+# the manifest covers every byte, and torch.load, which DCP's reader and dcp_to_torch_save use, does not check
+# them; computing them would be a second pass over the bytes.
+_WITHOUT_ZIP_CRC32 = {"save.compute_crc32": False}
 
 
 def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: Mapping[str, str] | None = None,
@@ -170,7 +185,7 @@ def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: M
     """
     entries = []
     offset = 0
-    with location.create(path) as f:
+    with location.create(path) as f, serialization_config.patch(_WITHOUT_ZIP_CRC32 if torch_save else {}):
         for name, tensor in tensors.items():
             dtype = dtype_name(tensor.dtype)
             codec = (codec_of or {}).get(name, "raw")

@@ -238,6 +238,16 @@ class AccessTracker:
             ops.mark_saved_range(self._counts[i], start, end)
         self._pending -= cleared
 
+    def take_counts(self) -> dict[str, torch.Tensor]:
+        """Every table's counters, which restart from 0 (MFU only): what a save of every row clears, to give
+        back with `add_counts` should it fail. Fresh counters are swapped in, nothing is copied or summed."""
+        if self.mode != "mfu":
+            raise RuntimeError("take_counts() needs mode='mfu'")
+        taken = dict(zip(self.table_rows, self._counts))
+        self._counts = [torch.zeros_like(counts) for counts in self._counts]
+        self._pending = 0
+        return taken
+
     def pending_total(self) -> int:
         """Accesses not yet saved, over every row: the counters' sum, kept as they change (MFU only)."""
         if self.mode != "mfu":
