@@ -442,7 +442,7 @@ class CPRCheckpointer:
         chunks: dict[str, Chunk] = {}
         for table, (start, end) in self.layout.held(domain).items():
             if decision.kind == "full":
-                tensors.update({name: snapshot.rows(table, name, start, end) for name in snapshot.names(table)})
+                tensors.update(snapshot.rows(table, start, end))
                 info = self.tables.tables[table]
                 chunks.update(table_chunks(table, info.state_key, info.rows, self.layout.global_rows(table, domain)[0],
                                            tensors))
@@ -470,7 +470,7 @@ class CPRCheckpointer:
             if table not in self.tables.tables:
                 continue
             ids = ids.to(torch.int64).sort().values
-            copies = {name: snapshot.select(table, name, ids) for name in snapshot.names(table)}
+            copies = snapshot.select(table, ids)
             bounds = torch.tensor([self.layout.ranges[table][d] for d in self.layout.local], dtype=torch.int64)
             cuts = dict(zip(self.layout.local, map(tuple, torch.searchsorted(ids, bounds.reshape(-1, 2)).tolist())))
             selected[table] = _SelectedRows(ids, copies, cuts)

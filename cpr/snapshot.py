@@ -10,7 +10,8 @@ forward pass, before the backward pass updates them.
 
 The writer copies the rows it needs from the live tensor, then, under the lock, overwrites the rows
 preserved meanwhile with their preserved values. A row that changed during the copy was preserved before it
-changed, and the writer looks at the preserved rows only after its copy, so it sees that row.
+changed, and the writer looks at the preserved rows only after its copy, so it sees that row. The writer
+reads each row once: a row read is no longer preserved, so training copies less as the write goes on.
 
 Three modes, chosen by the checkpointer:
 
@@ -81,10 +82,6 @@ class RowSnapshot:
         return all(t.device.type == "cpu" and t.is_contiguous() and t.dim() >= 1
                    for named in tensors.values() for t in named.values())
 
-    def names(self, table: str) -> list[str]:
-        """The names of `table`'s per-row tensors."""
-        return list(self._tensors[table])
-
     @property
     def preserving(self) -> bool:
         """Whether a step's lookups must be reported (`preserve_lookups`) before the step changes their rows."""
@@ -104,33 +101,38 @@ class RowSnapshot:
                 list(self._slot.values()), self._kept_rows, self._live_list, self._kept_list, self._tensors_of_table,
                 kjt.values().contiguous(), kjt.offset_per_key(), tables)
 
-    def rows(self, table: str, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of tensor `name` of `table` as they were at the snapshot (in `view` mode, a view
-        of the live tensor)."""
-        live = self._tensors[table][name][start:end]
+    def rows(self, table: str, start: int, end: int) -> dict[str, torch.Tensor]:
+        """Rows [start, end) of every per-row tensor of `table` as they were at the snapshot, by name (in
+        `view` mode, views of the live tensors). Copy-on-write: read each row once (it is kept no longer)."""
+        out = {name: live[start:end] for name, live in self._tensors[table].items()}
         if self.mode == "view":
-            return live
-        out = live.clone()
-        if self.mode == "copy":
             return out
-        with self._lock:
-            self._restore_kept(out, table, name, self._slot[table][start:end])
+        out = {name: rows.clone() for name, rows in out.items()}
+        if self.mode == "copy_on_write":
+            with self._lock:
+                slots = self._slot[table][start:end]
+                self._restore_kept(out, table, slots)
+                slots.masked_fill_(slots == _LIVE, _NOT_HELD)  # read: later changes need no keeping
         return out
 
-    def select(self, table: str, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of tensor `name` of `table` as they were at the snapshot (a new tensor)."""
-        out = self._tensors[table][name].index_select(0, ids)
-        if self.mode != "copy_on_write":
-            return out
-        with self._lock:
-            self._restore_kept(out, table, name, self._slot[table][ids])
+    def select(self, table: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows `ids` of every per-row tensor of `table` as they were at the snapshot, by name (new tensors).
+        Copy-on-write: read each row once (it is kept no longer)."""
+        out = {name: live.index_select(0, ids) for name, live in self._tensors[table].items()}
+        if self.mode == "copy_on_write":
+            with self._lock:
+                slots = self._slot[table][ids]
+                self._restore_kept(out, table, slots)
+                self._slot[table][ids[slots == _LIVE]] = _NOT_HELD  # read: later changes need no keeping
         return out
 
-    def _restore_kept(self, out: torch.Tensor, table: str, name: str, slots: torch.Tensor) -> None:
+    def _restore_kept(self, out: dict[str, torch.Tensor], table: str, slots: torch.Tensor) -> None:
         """Overwrite the rows of `out` (whose slots are `slots`) that were kept with their kept values."""
         changed = (slots >= 0).nonzero().squeeze(1)
         if changed.numel():
-            out.index_copy_(0, changed, self._kept[table][name].index_select(0, slots[changed].to(torch.int64)))
+            kept_at = slots[changed].to(torch.int64)
+            for name, rows in out.items():
+                rows.index_copy_(0, changed, self._kept[table][name].index_select(0, kept_at))
 
     def release(self) -> None:
         """The writer has read everything: stop preserving and free the preserved rows."""
