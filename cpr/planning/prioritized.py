@@ -34,6 +34,7 @@ DEFAULT_SAMPLE_RATES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05
 SSU_CAPACITY_MARGIN = 1.5
 SSU_MIN_CAPACITY = 64
 _AGE_BINS = 1024
+_AGE_AT_BLOCK = 64  # phases of `_Point.age_at` computed together
 
 
 def default_subset_intervals(total_steps: int) -> tuple[int, ...]:
@@ -89,6 +90,9 @@ class AccessProfile:
         # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
         self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
         self._histograms: dict[tuple[str, float, int], AgeHistogram] = {}
+        self._top_shares: dict[float, float] = {}
+        # The grid points of each model, by (model key, knob, T_sub): a re-plan evaluates them all again.
+        self._points: dict[tuple, _Point] = {}
 
     def to_tensors(self) -> dict[str, Any]:
         """The profile as tensors and plain values (a policy keeps it in its saves to re-plan after a resume)."""
@@ -146,9 +150,11 @@ class AccessProfile:
 
     def top_share(self, fraction: float) -> float:
         """P(r): the share of accesses that go to the top `fraction` of each shard's rows."""
-        rows = np.array([g.rows for g in self.groups], dtype=np.float64)
-        taken = np.minimum(np.ceil(fraction * rows).astype(np.int64), self._lengths)
-        return float(self._cumulative[self._cumulative_starts + taken].sum()) / self.total_rate
+        if fraction not in self._top_shares:
+            rows = np.array([g.rows for g in self.groups], dtype=np.float64)
+            taken = np.minimum(np.ceil(fraction * rows).astype(np.int64), self._lengths)
+            self._top_shares[fraction] = float(self._cumulative[self._cumulative_starts + taken].sum()) / self.total_rate
+        return self._top_shares[fraction]
 
     def mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """Per-row mean age of the newest save under MFU subsets (before the T_full cap), and the
@@ -290,6 +296,9 @@ class _Model:
         self.hours_per_step, self.full_bytes, self.row_bytes = hours_per_step, full_bytes, row_bytes
         self.num_shards = profile.num_shards
         self.mtbf_steps = profile.job_mtbf_hours / hours_per_step
+        # Everything the model's numbers depend on besides the access profile.
+        self.key = (kind, hours_per_step, total_steps, full_bytes, tuple(sorted(row_bytes.items())), self.num_shards,
+                    self.mtbf_steps)
 
     def pls(self, mean_age_steps: float) -> float:
         return mean_age_steps / (self.num_shards * self.mtbf_steps)
@@ -299,7 +308,13 @@ class _Model:
         return per_step / self.hours_per_step
 
     def point(self, knob: float, subset_steps: int) -> "_Point":
-        """The subset set of one grid point; `knob` is r (MFU, SCAR) or p (SSU)."""
+        """The subset set of one grid point; `knob` is r (MFU, SCAR) or p (SSU); built once per profile."""
+        key = (self.key, knob, subset_steps)
+        if key not in self.access._points:
+            self.access._points[key] = self._new_point(knob, subset_steps)
+        return self.access._points[key]
+
+    def _new_point(self, knob: float, subset_steps: int) -> "_Point":
         if self.kind == "ssu":
             def ssu_ages() -> np.ndarray:
                 q = self.access.catch_probability(knob, subset_steps)
@@ -328,38 +343,24 @@ class _Point:
         # every T steps is 0 .. T-1 steps old at a failure, (T - 1) / 2 on average: half a step less than
         # the continuous-time u_i.
         self._subset_age = np.maximum(self._age - 0.5, 0.0)
+        self._ages_at: dict[int, float] = {}
 
     def age_at(self, phase: int) -> float:
         """A(phase): the expected access-weighted age `phase` steps after a full save. A row whose subset
         saves alone give it whole-step age v (taken as exponential with mean v) is min(that, phase) old:
-        v (1 - e^(-phase / v)); rows no subset catches are `phase` old."""
-        v = self._subset_age
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ages = np.where(v > 0, v * -np.expm1(-phase / v), 0.0)
-        return float(np.dot(self._share, ages) + self._never * phase)
+        v (1 - e^(-phase / v)); rows no subset catches are `phase` old. A policy asks for it after every step,
+        one phase after the other: it is computed for _AGE_AT_BLOCK phases at once and remembered."""
+        if phase not in self._ages_at:
+            v, phases = self._subset_age, np.arange(phase, phase + _AGE_AT_BLOCK, dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ages = np.where(v > 0, v * -np.expm1(-phases[:, None] / v), 0.0)
+            self._ages_at.update(zip(range(phase, phase + _AGE_AT_BLOCK), (ages @ self._share + self._never * phases).tolist()))
+        return self._ages_at[phase]
 
     def mean_age(self, full_steps: int) -> float:
-        """A(T_full): A(phase) averaged over the phases 0 .. T_full - 1 of a full-save cycle,
-        sum_phase (1 - e^(-phase / v)) = T - (1 - e^(-T / v)) / (1 - e^(-1 / v)). Tail rows get
-        (T_full - 1) / 2 as under plain partial recovery."""
-        t, v = float(full_steps), self._subset_age
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            ratio = np.where(v > 0, -np.expm1(-t / v) / -np.expm1(-1 / np.where(v > 0, v, 1.0)), t)
-            ages = np.where(v > 0, v * (1 - ratio / t), 0.0)
-        return max(0.0, float(np.dot(self._share, ages) + self._never * (t - 1) / 2))
-
-    def longest_full(self, max_age: float) -> int | None:
-        """The longest T_full (> T_sub, <= run length) whose mean age is at most `max_age`, or None."""
-        lo, hi = self.subset_steps + 1, self.model.total_steps
-        if lo > hi or self.mean_age(lo) > max_age:
-            return None
-        while lo < hi:  # mean_age is nondecreasing in T_full
-            mid = (lo + hi + 1) // 2
-            if self.mean_age(mid) <= max_age:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """A(T_full): see `_mean_ages`."""
+        return float(_mean_ages(np.array([float(full_steps)]), self._subset_age[None], self._share[None],
+                                np.array([self._never]))[0])
 
     def plan(self, full_steps: int, target: float | None) -> PrioritizedPlan:
         model = self.model
@@ -397,6 +398,42 @@ def _points(model: _Model, knobs: Sequence[float], subset_intervals: Sequence[in
     return [model.point(knob, t) for knob in knobs for t in subset_intervals if t < model.total_steps]
 
 
+def _mean_ages(t: np.ndarray, v: np.ndarray, share: np.ndarray, never: np.ndarray) -> np.ndarray:
+    """A(T_full) of points whose bins (rows of `v`, the bins' whole-step subset ages, and `share`; padded
+    with share 0) and never-caught shares are given, each at its own T_full `t`: A(phase) averaged over the
+    phases 0 .. T_full - 1 of a full-save cycle, sum_phase (1 - e^(-phase / v)) = T - (1 - e^(-T / v)) /
+    (1 - e^(-1 / v)). Tail rows get (T_full - 1) / 2 as under plain partial recovery."""
+    t = t[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = np.where(v > 0, -np.expm1(-t / v) / -np.expm1(-1 / np.where(v > 0, v, 1.0)), t)
+        ages = np.where(v > 0, v * (1 - ratio / t), 0.0)
+    return np.maximum(0.0, np.einsum("pb,pb->p", share, ages) + never * (t[:, 0] - 1) / 2)
+
+
+def _longest_fulls(points: Sequence[_Point], max_age: float, total_steps: int) -> list[int | None]:
+    """Each point's longest T_full (> T_sub, <= `total_steps`) whose mean age is at most `max_age`, or None:
+    binary searches of all points in step (mean_age is nondecreasing in T_full), each step one evaluation
+    of every point's bins stacked in one array (a re-plan searches the whole grid; point by point that took
+    most of its ~20 ms)."""
+    if not points:
+        return []
+    width = max(len(p._share) for p in points)
+    v, share = np.zeros((len(points), width)), np.zeros((len(points), width))
+    for i, point in enumerate(points):
+        v[i, :len(point._share)], share[i, :len(point._share)] = point._subset_age, point._share
+    never = np.array([p._never for p in points])
+    lo = np.array([p.subset_steps + 1 for p in points], dtype=np.int64)
+    hi = np.full(len(points), total_steps, dtype=np.int64)
+    found = (lo <= hi) & (_mean_ages(lo.astype(np.float64), v, share, never) <= max_age)
+    while np.any(found & (lo < hi)):
+        mid = (lo + hi + 1) // 2
+        fits = _mean_ages(mid.astype(np.float64), v, share, never) <= max_age
+        searching = found & (lo < hi)
+        lo = np.where(searching & fits, mid, lo)
+        hi = np.where(searching & ~fits, mid - 1, hi)
+    return [int(full) if ok else None for full, ok in zip(lo, found)]
+
+
 def plan_prioritized(
     kind: PriorityKind,
     access: AccessProfile,
@@ -431,8 +468,7 @@ def plan_prioritized(
     else:
         if subset_intervals is None:
             candidates.append(_full_only(model, longest_interval_steps(max_age, total_steps), target_pls))
-        for point in points:
-            full_steps = point.longest_full(max_age)
+        for point, full_steps in zip(points, _longest_fulls(points, max_age, total_steps)):
             candidates.append(point.plan(full_steps if full_steps is not None else point.subset_steps + 1, target_pls))
     if not candidates:
         raise ValueError(f"no {kind} setting to evaluate: the subset intervals {subset_intervals} must be shorter "
