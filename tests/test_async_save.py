@@ -1,4 +1,4 @@
-"""Asynchronous saves: the snapshot is the only stall; the write runs in the background and commits later."""
+"""Asynchronous saves: the write runs in the background and commits later; a DMP model's snapshot is copy-on-write."""
 from __future__ import annotations
 
 import errno

@@ -191,6 +191,8 @@ class LoadedPart:
 def _remove_retired(trash: Folder) -> None:
     try:
         location.remove_tree(trash, ignore_errors=False)
+    except FileNotFoundError:
+        pass  # removed already (its folder was deleted meanwhile)
     except OSError as e:  # the next run of this folder removes it (see `_remove_stale`)
         warnings.warn(f"could not remove the retired save {trash}: {e}", stacklevel=1)
 
