@@ -118,8 +118,7 @@ class Manifest:
         data: dict[str, Any] = {name: getattr(self, name) for name in _MANIFEST_FIELDS}
         data["tables"] = {table: _fields(meta, _TABLE_FIELDS) for table, meta in self.tables.items()}
         data["tensors"] = [_fields(entry, _ENTRY_FIELDS) for entry in self.tensors]
-        data = sealed(data, f"manifest of step {self.step}")
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)  # compact: read per restore
+        return sealed_json(data, f"manifest of step {self.step}")  # compact: read per restore
 
     @classmethod
     def from_json(cls, text: str, folder: Path) -> Manifest:
@@ -215,18 +214,38 @@ def verify_sealed(data: Any, version: int, folder: Path, file: str) -> dict[str,
 def sealed(data: dict[str, Any], what: str) -> dict[str, Any]:
     """Metadata `data` with the checksum of its content added, for writing; ValueError naming `what` if the
     reader would refuse it for its nesting (what the reader would refuse is not written)."""
+    _check_sealable(data, what)
+    return {**data, CHECKSUM_FIELD: content_checksum(data)}
+
+
+def sealed_json(data: dict[str, Any], what: str) -> str:
+    """`sealed(data, what)` as compact JSON, encoded once (a subset save writes a manifest per domain): the
+    canonical JSON the checksum is taken of, with the checksum field appended."""
+    _check_sealable(data, what)
+    canonical = _canonical(data)
+    separator = "," if len(canonical) > 2 else ""
+    return f'{canonical[:-1]}{separator}{json.dumps(CHECKSUM_FIELD)}:"{_digest(canonical)}"}}'
+
+
+def _check_sealable(data: dict[str, Any], what: str) -> None:
     try:
         # Only `extra` nests freely (at depth 2); the rest has the fixed depth of its schema.
         _check_depth(data.get("extra", {}), depth=2)
     except _Defect as e:
         raise ValueError(f"{what}: {e}") from None
-    return {**data, CHECKSUM_FIELD: content_checksum(data)}
 
 
 def content_checksum(data: Mapping[str, Any]) -> str:
     """sha256 of metadata content (a manifest, a commit record): its canonical JSON without the checksum field."""
+    return _digest(_canonical(data))
+
+
+def _canonical(data: Mapping[str, Any]) -> str:
     content = {key: value for key, value in data.items() if key != CHECKSUM_FIELD}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _digest(canonical: str) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -241,7 +241,9 @@ def _check_subset_table(table: str, parts: Mapping[str, torch.Tensor], meta: Tab
         raise ValueError(f"subset save: emb/{table}/ids must be a 1-d int64 tensor, got {ids.dtype}{list(ids.shape)}")
     if ids.numel() and (int(ids.min()) < 0 or (meta and int(ids.max()) >= meta.rows)):
         raise ValueError(f"subset save: emb/{table}/ids out of range [0, {meta.rows if meta else '...'})")
-    if torch.unique(ids).numel() != ids.numel():
+    # Ascending ids (CPR's own) are distinct at the cost of one comparison; others are made unique to tell.
+    ascending = ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+    if not ascending and torch.unique(ids).numel() != ids.numel():
         raise ValueError(f"subset save: emb/{table}/ids has duplicate rows")
     for what, tensor in parts.items():
         if tensor.dim() == 0 or tensor.shape[0] != ids.numel():
