@@ -307,9 +307,10 @@ def verdicts(result: dict) -> dict:
             judge(f"throughput_{name}", value, ">= 0.98", value >= 0.98,
                   f"{run_['saves']} saves ({run_['full_saves']} full) in {result['throughput_steps']} steps of "
                   f"{none['steps_s'] / result['throughput_steps'] * 1e3:.1f} ms: the training thread spent "
-                  f"{run_['save_stall_s']:.2f} s on them ({run_['full_save_stall_s']:.2f} s on the full saves, mostly "
-                  "the next save, due a few steps later, waiting for a full save's write: one save is in flight at "
-                  f"a time) and {bookkeeping:.2f} s more outside its steps (the policy's "
+                  f"{run_['save_stall_s']:.2f} s on them"
+                  + (f" ({run_['full_save_stall_s']:.2f} s on the full saves, mostly the next save, due a few steps "
+                     "later, waiting for a full save's write: one save is in flight at a time)" if run_["full_saves"] else "")
+                  + f" and {bookkeeping:.2f} s more outside its steps (the policy's "
                   f"planning and bookkeeping), and its steps took "
                   f"{run_['steps_s'] - none['steps_s']:.2f} s longer than without checkpoints while the writer "
                   f"thread's {run_['persist_s']:.2f} s of persisting shared the 2 cores (other jobs use them too); "
