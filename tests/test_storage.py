@@ -352,3 +352,25 @@ def test_composing_good_saves_warns_nothing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert restore(store)["saved_step"].tolist() == [1, 1, 1, 1, 2]
+
+
+def test_a_forked_child_writes_full_saves_with_its_own_checksum_thread(tmp_path):
+    """Large records have their crc32 computed on a helper thread; a child forked after the parent wrote one
+    (and so started that thread) must not hand work to the parent's thread, which it does not have."""
+    import time
+
+    from cpr.storage import tensor_io
+
+    big = {"w": torch.arange(1 << 19, dtype=torch.float32)}  # 2 MiB: above the overlapped-crc32 size
+    parent = tensor_io.write_tensors(tmp_path / "parent.bin", big, torch_save=True)
+    pid = os.fork()
+    if pid == 0:
+        child = tensor_io.write_tensors(tmp_path / "child.bin", big, torch_save=True)
+        os._exit(0 if child[0].checksum == parent[0].checksum else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0

@@ -16,6 +16,7 @@ A tensor's bytes are framed one of two ways:
   crc32s, so the crc32 is the only pass over the bytes besides the write.
 """
 import io
+import os
 import struct
 import zipfile
 import zlib
@@ -93,10 +94,18 @@ def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# A storage of at least this many bytes has its crc32 computed on `_CRC32_THREAD` while it is written (below
-# it, handing it over costs more than it saves). One thread for the process: a crc32 task never waits.
+# A storage of at least this many bytes has its crc32 computed on another thread while it is written (below
+# it, handing it over costs more than it saves). One thread per process (a crc32 task never waits), made
+# anew in a forked child, which does not inherit the parent's threads.
 _OVERLAPPED_CRC32_BYTES = 1 << 20
-_CRC32_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-crc32")
+_crc32_threads: dict[int, ThreadPoolExecutor] = {}
+
+
+def _crc32_thread() -> ThreadPoolExecutor:
+    pid = os.getpid()
+    if pid not in _crc32_threads:
+        _crc32_threads[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-crc32")
+    return _crc32_threads[pid]
 
 
 class _SerializationStream:
@@ -139,7 +148,7 @@ class _SerializationStream:
     def _pass_on(self, chunk: memoryview) -> None:
         if chunk.nbytes >= _OVERLAPPED_CRC32_BYTES:
             # Both release the GIL: the crc32 of a large storage runs on another core while it is written.
-            checksum = _CRC32_THREAD.submit(zlib.crc32, chunk, self.checksum)
+            checksum = _crc32_thread().submit(zlib.crc32, chunk, self.checksum)
             self._file.write(chunk)
             self.checksum = checksum.result()
         else:
