@@ -79,8 +79,9 @@ def restore(store: CheckpointStore, part: str = "domain-00000") -> dict[str, tor
 
 
 def entries(directory: Path) -> list[str]:
-    """What a checkpoint folder holds besides its lock file, sorted."""
-    return sorted(p.name for p in directory.iterdir() if p.name != ".lock")
+    """What a checkpoint folder holds besides its lock file and retired saves, sorted (a retired save is
+    renamed `.trash-...` at once and deleted by the store's background thread, some time later)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != ".lock" and not p.name.startswith(".trash-"))
 
 
 def tensor_file(record, part: str, name: str) -> Path:
@@ -215,6 +216,9 @@ def test_retention_keeps_what_composition_needs(tmp_path):
     save_subset(store, 25, [2])
     assert [(s.step, s.kind) for s in store.saves()] == [(10, "full"), (15, "subset"), (20, "full"), (25, "subset")]
     assert entries(tmp_path) == sorted(s.folder.name for s in store.saves())
+    store.close()  # waits for the retired saves to be deleted
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trash-")]
+    store = CheckpointStore(tmp_path, keep_last=2)
 
     tensor_file(newest_full, "domain-00000", "emb/t/weight").write_bytes(b"")
     with pytest.warns(SkippedSaveWarning, match="save-0000000020-full"):
