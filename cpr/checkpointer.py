@@ -186,7 +186,7 @@ class CPRCheckpointer:
             `rejoin`, called with the survivors, brings its state (see `cpr.elastic`).
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
         async_save: write saves in a background thread while training goes on; False writes them inside
-            `step()`. A DMP model's rows are snapshotted copy-on-write (the lookup hook keeps a row's values
+            `step()`. A DMP model's full saves are snapshotted copy-on-write (the lookup hook keeps a row's values
             before its step changes them, see cpr/snapshot.py): code that changes rows other than by a
             training step must call `flush()` first (CPR's own recovery and loading do).
         overwrite: a new run (not `resume`) in a folder holding an earlier run's saves deletes them; without
@@ -279,7 +279,8 @@ class CPRCheckpointer:
         # Sharded models report the rows each rank's shards serve; plain modules are observed per batch.
         self._hooked = hook_served_lookups(model, self._record_lookups)
         # A hooked lookup of fused tables in host memory comes before its step changes the rows, so an
-        # asynchronous save snapshots them copy-on-write (see cpr/snapshot.py); otherwise it copies them at once.
+        # asynchronous full save snapshots them copy-on-write (see cpr/snapshot.py); otherwise it copies them
+        # at once.
         copy_on_write = self._hooked and self.tables.fused and RowSnapshot.supports_copy_on_write(self._row_tensors())
         self._snapshot_mode: SnapshotMode = "view" if not async_save else "copy_on_write" if copy_on_write else "copy"
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
@@ -485,10 +486,11 @@ class CPRCheckpointer:
         step = self.global_step
         policy_state = self.policy.state_dict()
         policy_tensors = {k: v for k, v in policy_state.items() if isinstance(v, torch.Tensor)}
-        wanted = None if decision.kind == "full" else {t: ids for t, ids in decision.rows.items() if t in self.tables.tables}
+        # A subset's few rows cost less to copy now than a copy-on-write snapshot's bookkeeping of every row.
+        mode = "copy" if decision.kind == "subset" and self._snapshot_mode == "copy_on_write" else self._snapshot_mode
         pending = _PendingSave(
             decision=dataclasses.replace(decision, step=step),
-            snapshot=RowSnapshot(self._row_tensors(), self._snapshot_mode, wanted),
+            snapshot=RowSnapshot(self._row_tensors(), mode),
             parts={},
             ledger=self.ledger.state_dict() if decision.kind == "full" else None,
             extra={"reader": self.reader.state_dict() if self.reader is not None else None,

@@ -17,17 +17,21 @@ Three modes, chosen by the checkpointer:
 
 * `view`: a synchronous save, read at once; nothing trains until it is written, so reads are views of the
   live rows (no copy at all);
-* `copy`: an asynchronous save of a plain module (its optimizer may step rows it did not look up, and its
-  lookups are reported whenever the caller likes), read at once: every read is a copy;
-* `copy_on_write`: an asynchronous save of a model whose lookups are hooked (see above), read by the writer
-  thread until `release`.
+* `copy`: an asynchronous save read at once, every read a copy: a subset save (its few rows cost less to
+  copy than setting up a copy-on-write snapshot, whose bookkeeping covers every row), or any save of a
+  plain module (its optimizer may step rows it did not look up, and its lookups are reported whenever the
+  caller likes);
+* `copy_on_write`: an asynchronous full save of a model whose lookups are hooked (see above), read by the
+  writer thread until `release`.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -38,15 +42,14 @@ _LIVE, _NOT_HELD = -1, -2  # a row's slot before it is kept (see cpr/csrc/snapsh
 
 
 class RowSnapshot:
-    """The rows of some tables at one step: every row (a full save) or the rows of `wanted` (a subset save).
+    """The rows of some tables at one step.
 
     `tensors[table][name]` are the live per-row tensors of `table` (its weight and row-wise optimizer
     state), all with the table's rows as their first dimension; copy-on-write needs them contiguous and in
     host memory (where CPR's users keep their tables), as `supports_copy_on_write` checks.
     """
 
-    def __init__(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], mode: SnapshotMode,
-                 wanted: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], mode: SnapshotMode) -> None:
         self.mode = mode
         self._tensors = {t: dict(named) for t, named in tensors.items()}
         self._lock = threading.Lock()
@@ -62,13 +65,7 @@ class RowSnapshot:
         if self._released:
             return
         for table, named in self._tensors.items():
-            rows = _rows(named)
-            if wanted is None:
-                self._slot[table] = torch.full((rows,), _LIVE, dtype=torch.int32)
-            else:
-                self._slot[table] = torch.full((rows,), _NOT_HELD, dtype=torch.int32)
-                if table in wanted:
-                    self._slot[table][wanted[table].to(torch.int64)] = _LIVE
+            self._slot[table] = torch.full((_rows(named),), _LIVE, dtype=torch.int32)
             self._kept[table] = {name: torch.empty_like(live) for name, live in named.items()}
         self._kept_rows = torch.zeros(len(self._tensors), dtype=torch.int64)
         self._live_list = [live for named in self._tensors.values() for live in named.values()]
@@ -107,38 +104,57 @@ class RowSnapshot:
         out = {name: live[start:end] for name, live in self._tensors[table].items()}
         if self.mode == "view":
             return out
-        out = {name: rows.clone() for name, rows in out.items()}
-        if self.mode == "copy_on_write":
-            with self._lock:
-                slots = self._slot[table][start:end]
-                self._restore_kept(out, table, slots)
-                slots.masked_fill_(slots == _LIVE, _NOT_HELD)  # read: later changes need no keeping
+        if self.mode == "copy":
+            return {name: rows.clone() for name, rows in out.items()}
+        out = {name: _copied(_row_bytes(rows), rows) for name, rows in out.items()}
+        with self._lock:
+            slots = self._slot[table].numpy()[start:end]
+            self._restore_kept(out, table, slots)
+            slots[slots == _LIVE] = _NOT_HELD  # read: later changes need no keeping
         return out
 
     def select(self, table: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows `ids` of every per-row tensor of `table` as they were at the snapshot, by name (new tensors).
         Copy-on-write: read each row once (it is kept no longer)."""
-        out = {name: live.index_select(0, ids) for name, live in self._tensors[table].items()}
-        if self.mode == "copy_on_write":
-            with self._lock:
-                slots = self._slot[table][ids]
-                self._restore_kept(out, table, slots)
-                self._slot[table][ids[slots == _LIVE]] = _NOT_HELD  # read: later changes need no keeping
+        if self.mode != "copy_on_write":
+            return {name: live.index_select(0, ids) for name, live in self._tensors[table].items()}
+        ids = ids.numpy()
+        out = {name: _copied(_row_bytes(live)[ids], live[:0]) for name, live in self._tensors[table].items()}
+        with self._lock:
+            slots = self._slot[table].numpy()
+            self._restore_kept(out, table, slots[ids])
+            slots[ids[slots[ids] == _LIVE]] = _NOT_HELD  # read: later changes need no keeping
         return out
 
-    def _restore_kept(self, out: dict[str, torch.Tensor], table: str, slots: torch.Tensor) -> None:
+    def _restore_kept(self, out: dict[str, torch.Tensor], table: str, slots: np.ndarray) -> None:
         """Overwrite the rows of `out` (whose slots are `slots`) that were kept with their kept values."""
-        changed = (slots >= 0).nonzero().squeeze(1)
-        if changed.numel():
-            kept_at = slots[changed].to(torch.int64)
+        changed = np.flatnonzero(slots >= 0)
+        if changed.size:
+            kept_at = slots[changed]
             for name, rows in out.items():
-                rows.index_copy_(0, changed, self._kept[table][name].index_select(0, kept_at))
+                _row_bytes(rows)[changed] = _row_bytes(self._kept[table][name])[kept_at]
 
     def release(self) -> None:
         """The writer has read everything: stop preserving and free the preserved rows."""
         with self._lock:
             self._released = True
             self._slot, self._kept, self._live_list, self._kept_list = {}, {}, [], []
+
+
+# The writer thread reads a copy-on-write snapshot with numpy, not torch: a torch op large enough to run in
+# parallel would start a second OpenMP thread team on the writer thread, which from then on competes with
+# training's intra-op threads for the cores (training steps ran 1.6x slower on 2 cores after one such save).
+def _row_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The rows of a contiguous CPU tensor as a (rows, bytes per row) uint8 numpy view of its memory."""
+    width = math.prod(tensor.shape[1:]) * tensor.element_size()
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy().reshape(tensor.shape[0], width)
+
+
+def _copied(rows: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of `like`'s dtype and row shape over a copy of `rows` (a `_row_bytes` array)."""
+    if not rows.size:  # (numpy's empty array cannot be viewed as another dtype)
+        return torch.empty((len(rows), *like.shape[1:]), dtype=like.dtype)
+    return torch.from_numpy(rows.reshape(-1).copy()).view(like.dtype).reshape(len(rows), *like.shape[1:])
 
 
 def _rows(named: Mapping[str, torch.Tensor]) -> int:

@@ -154,9 +154,9 @@ def test_no_save_is_started_at_the_jobs_last_step(tmp_path):
 @pytest.mark.parametrize("policy, options", [("partial", None), ("mfu", {"subset_interval_steps": 5})])
 def test_a_save_written_while_training_changes_its_rows_holds_the_rows_of_its_step(dmp_model, tmp_path, policy,
                                                                                  options):
-    """A DMP model's async save (a full save of `partial`, a subset save of `mfu`) is a copy-on-write snapshot:
-    its writer is held back while three more steps change rows it holds, and it still writes the rows of its
-    own step."""
+    """A DMP model's async save (a full save of `partial`, a copy-on-write snapshot; a subset save of `mfu`,
+    copied at once): its writer is held back while three more steps change rows it holds, and it still
+    writes the rows of its own step."""
     model, optimizer = dmp_model
     ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_shards=2, total_steps=100,
                            interval_steps=4 if options is None else 20, policy_options=options, keep_last=10)
