@@ -410,7 +410,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--failures", type=int, default=8, help="failures injected in each AUC run")
     parser.add_argument("--dir", help="where saves are written (default: a temporary folder, removed after)")
-    parser.add_argument("--stall-interval", type=int, default=100, help="steps between the full saves of the stall loop")
+    parser.add_argument("--stall-interval", type=int, default=250, help="steps between the full saves of the stall loop (each must be written before the next is due)")
     parser.add_argument("--throughput-steps", type=int, default=1000, help="steps of each throughput run")
     parser.add_argument("--throughput-rounds", type=int, default=2, help="interleaved rounds of throughput runs")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the throughput runs' training")
