@@ -37,6 +37,7 @@ from cpr.policies import make_policy
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.shards import ShardLayout
 from cpr.snapshot import RowSnapshot, SnapshotMode
+from cpr.threads import one_intraop_thread
 from cpr.storage import (
     DENSE_PART,
     CheckpointMismatchError,
@@ -287,7 +288,8 @@ class CPRCheckpointer:
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
         self._pending: _PendingSave | None = None
         # One writer thread: at most one save in flight, and its parts are written in order.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save") if async_save else None
+        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save",
+                                             initializer=one_intraop_thread) if async_save else None)
         try:
             self._open(model, optimizer, resume, overwrite, joining)
         except BaseException:

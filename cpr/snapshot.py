@@ -141,9 +141,9 @@ class RowSnapshot:
             self._slot, self._kept, self._live_list, self._kept_list = {}, {}, [], []
 
 
-# The writer thread reads a copy-on-write snapshot with numpy, not torch: a torch op large enough to run in
-# parallel would start a second OpenMP thread team on the writer thread, which from then on competes with
-# training's intra-op threads for the cores (training steps ran 1.6x slower on 2 cores after one such save).
+# The writer thread reads a copy-on-write snapshot with numpy (single-threaded copies that release the GIL):
+# a parallel torch op there would start a second OpenMP thread team competing with training's intra-op
+# threads (see cpr/threads.py, which also keeps the writer's other torch ops on one thread).
 def _row_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The rows of a contiguous CPU tensor as a (rows, bytes per row) uint8 numpy view of its memory."""
     width = math.prod(tensor.shape[1:]) * tensor.element_size()
