@@ -150,6 +150,7 @@ class _SerializationStream:
             # Both release the GIL: the crc32 of a large storage runs on another core while it is written.
             checksum = _crc32_thread().submit(zlib.crc32, chunk, self.checksum)
             self._file.write(chunk)
+            location.start_writeback(self._file)
             self.checksum = checksum.result()
         else:
             self._file.write(chunk)
@@ -207,6 +208,8 @@ def write_tensors(path: Folder, tensors: Mapping[str, torch.Tensor], codec_of: M
             else:
                 data = memoryview(_as_bytes(stored))
                 f.write(data)
+                if data.nbytes >= _OVERLAPPED_CRC32_BYTES:
+                    location.start_writeback(f)
                 nbytes, checksum, payload_offset = data.nbytes, zlib.crc32(data), 0
             entries.append(TensorEntry(name=name, file=path.name, dtype=dtype, shape=tuple(tensor.shape),
                                        nbytes=nbytes, checksum=checksum, offset=offset, codec=codec,
