@@ -13,6 +13,7 @@ in the same order: they are collective (bounded by the coordinator's timeout).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import sys
@@ -123,7 +124,9 @@ class RecoveryResult:
     failures: tuple[FailureEvent, ...] = field(default_factory=tuple)
 
 
-POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a full save
+POLICY_PREFIX = "policy/"
+# Subset saves that may wait, copied, for the writer thread behind the save in flight (a few rows each).
+QUEUED_SUBSET_SAVES = 4  # the policy's state tensors in the dense part of a full save
 
 
 class _SelectedRows(NamedTuple):
@@ -141,14 +144,16 @@ class _PendingSave:
     then committed: every rank's part records are gathered (`gathered`), the coordinator writes the commit
     in the background (`committing`, the outcome: None or why it failed) and every rank learns the outcome.
 
-    The domains' parts are read from `snapshot`: at once (into `parts`), or by the writer thread from a
-    copy-on-write snapshot (see cpr/snapshot.py)."""
+    The domains' parts are read from `snapshot` at once (into `parts`), or made by the writer thread: from a
+    copy-on-write snapshot (see cpr/snapshot.py), or from a subset's rows copied at the snapshot (`selected`)."""
 
     decision: SavePlan
     snapshot: RowSnapshot
     parts: dict[str, PartContent]  # the parts taken at the snapshot (the dense part; the domains' unless read later)
     ledger: dict[str, Any] | None  # a full save's copy of this process's record, kept in its first domain part
     extra: dict[str, Any]  # the commit record's: reader position and policy state at the snapshot
+    # A subset's rows, copied at the snapshot; the writer thread makes the domain parts of them.
+    selected: dict[str, _SelectedRows] | None = None
     counts: dict[str, torch.Tensor] = field(default_factory=dict)  # the access counters the save cleared, given back should it fail
     unsaved: int = 0  # the access counts above, summed: updates that are lost should this save not commit
     future: Future | None = None
@@ -156,6 +161,12 @@ class _PendingSave:
     gathered: list[tuple[dict[str, WrittenPart], str | None]] | None = None
     committing: Future | None = None
     stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, preserving rows, gathering, settling
+
+    @property
+    def parts_made_by_writer(self) -> bool:
+        """Whether the writer makes the domain parts (from a copy-on-write snapshot, or from a subset's copied
+        rows) rather than the training thread at the snapshot."""
+        return self.snapshot.preserving or self.selected is not None
 
     def write_result(self) -> tuple:
         """This rank's write: (written parts, error or None, staging folder, persist seconds), waiting for the
@@ -287,7 +298,9 @@ class CPRCheckpointer:
         # The coordinator's store holds the folder's lock; every rank stages its parts under the coordinator's tag.
         self.store = CheckpointStore(directory, keep_last=keep_last, lock=self.coordinator.is_coordinator)
         self._pending: _PendingSave | None = None
-        # One writer thread: at most one save in flight, and its parts are written in order.
+        # Subset saves decided while a save is in flight, to be written after it (see `_may_queue`), oldest first.
+        self._queued: collections.deque[_PendingSave] = collections.deque()
+        # One writer thread: saves are written one after the other, in the order they were decided.
         self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save",
                                              initializer=one_intraop_thread) if async_save else None)
         try:
@@ -366,15 +379,34 @@ class CPRCheckpointer:
             # (the final model is the caller's to keep: `state_dict()` or dcp.save of the model).
             decision = None
         if decision is not None:
-            self.flush()  # the save in flight commits first (its commit may be changing the folder's saves)
+            queue = self._may_queue(decision)
+            if not queue:
+                self.flush()  # the save in flight commits first (its commit may be changing the folder's saves)
             decision = self._written_as(decision)
-            self._save(decision)
+            self._save(decision, queue=queue)
         return decision
 
     def flush(self) -> None:
-        """Wait for the save in flight, if any, and commit it (collective)."""
-        if self._pending is not None:
+        """Wait for the saves in flight, if any, and commit them in order (collective)."""
+        while self._pending is not None:
             self._commit(self._pending)
+
+    def _may_queue(self, decision: SavePlan) -> bool:
+        """Whether `decision` is snapshotted now and written after the saves in flight, rather than waiting for
+        them to commit: a policy's subset save (its few rows are copied at once), up to QUEUED_SUBSET_SAVES of
+        them. A full save takes the writer for a while, and a prioritized policy's next subsets are often due
+        meanwhile; a full save itself waits (its snapshot may be copy-on-write, for one save at a time). The
+        answer is the same on every rank: saves in flight are settled collectively."""
+        return (decision.kind == "subset" and self._executor is not None and self._pending is not None
+                and len(self._queued) < QUEUED_SUBSET_SAVES)
+
+    def _in_flight(self) -> list[_PendingSave]:
+        """The save in flight and those queued behind it, oldest first."""
+        return [self._pending, *self._queued] if self._pending is not None else []
+
+    def _advance(self) -> None:
+        """The save in flight is settled: the oldest one queued behind it, if any, is in flight now."""
+        self._pending = self._queued.popleft() if self._queued else None
 
     # -- saving -----------------------------------------------------------------------------------------
     def _written_as(self, decision: SavePlan | None) -> SavePlan | None:
@@ -424,11 +456,11 @@ class CPRCheckpointer:
                 for table in self.tables.tables}
 
     def _domain_parts(self, pending: _PendingSave) -> Iterator[tuple[str, PartContent]]:
-        """This process's domain parts of a save, read from its snapshot one part at a time."""
+        """This process's domain parts of a save, made one part at a time from its snapshot (a subset's from its
+        `selected` rows)."""
         decision = pending.decision
-        selected = self._selected_rows(decision, pending.snapshot) if decision.kind == "subset" else {}
         for i, domain in enumerate(self.layout.local):
-            content = self._domain_part(domain, decision, selected, pending.snapshot)
+            content = self._domain_part(domain, decision, pending.selected or {}, pending.snapshot)
             if content is not None and i == 0 and pending.ledger is not None:
                 # This process's record of the run so far: a resumed run continues it (every rank keeps its own).
                 content = dataclasses.replace(content, extra={"ledger": pending.ledger})
@@ -479,11 +511,12 @@ class CPRCheckpointer:
             selected[table] = _SelectedRows(ids, copies, cuts)
         return selected
 
-    def _save(self, decision: SavePlan) -> None:
+    def _save(self, decision: SavePlan, queue: bool = False) -> None:
         """Snapshot what `decision` saves, then persist it (in the background, or here with `async_save`
-        off) and commit it once every rank's parts are durable. At most one save is in flight: a decision
-        made while one is still being written first waits for it to commit."""
-        self.flush()
+        off) and commit it once every rank's parts are durable. A decision made while a save is in flight
+        first waits for it to commit, unless it is `queue`d behind it (see `_may_queue`)."""
+        if not queue:
+            self.flush()
         started = time.perf_counter()
         step = self.global_step
         policy_state = self.policy.state_dict()
@@ -499,8 +532,10 @@ class CPRCheckpointer:
                    "policy": {k: v for k, v in policy_state.items() if k not in policy_tensors},
                    "reason": decision.reason, "every_row": decision.saves_every_row},
         )
-        if not pending.snapshot.preserving:
-            pending.parts.update(self._domain_parts(pending))  # read now: training changes the rows next
+        if decision.kind == "subset":
+            pending.selected = self._selected_rows(decision, pending.snapshot)  # copied now: training changes the rows next
+        if not pending.parts_made_by_writer:
+            pending.parts.update(self._domain_parts(pending))  # read now, for the same reason
         if decision.kind == "full" and self.coordinator.is_coordinator:
             snapshot = dense.capture(self.model, self.optimizer, self.tables)
             pending.parts[DENSE_PART] = PartContent(
@@ -517,6 +552,9 @@ class CPRCheckpointer:
         else:
             pending.future = self._executor.submit(self._persist, pending)
         pending.stall_seconds = time.perf_counter() - started
+        if queue:
+            self._queued.append(pending)
+            return
         self._pending = pending
         if self._executor is None:
             self._commit(pending)
@@ -539,8 +577,8 @@ class CPRCheckpointer:
         decision = pending.decision
         written: dict[str, WrittenPart] = {}
         error, staging = None, None
-        # Parts still to read from a copy-on-write snapshot come first: training stops preserving rows sooner.
-        parts = itertools.chain(self._domain_parts(pending) if pending.snapshot.preserving else (),
+        # The domain parts come first: training stops preserving rows for a copy-on-write snapshot sooner.
+        parts = itertools.chain(self._domain_parts(pending) if pending.parts_made_by_writer else (),
                                 pending.parts.items())
         try:
             staging = self.store.stage(decision.step, decision.kind, self._staging_tag)
@@ -591,7 +629,7 @@ class CPRCheckpointer:
         pending.gathered = gathered
         errors = [e for _, e in gathered if e]
         if pending.decision.kind == "subset" and not errors and not any(r for r, _ in gathered):
-            self._pending = None
+            self._advance()
             if self.coordinator.is_coordinator and staging is not None:
                 self.store.abandon(staging)
             return  # no rank had a row to save: nothing to commit
@@ -625,7 +663,7 @@ class CPRCheckpointer:
         started = time.perf_counter()
         step, kind = pending.decision.step, pending.decision.kind
         outcome = self.coordinator.broadcast(pending.committing.result() if self.coordinator.is_coordinator else None)
-        self._pending = None
+        self._advance()
         if outcome is not None:
             self._undo_save(pending, outcome)
             if self.coordinator.is_coordinator:
@@ -645,7 +683,7 @@ class CPRCheckpointer:
 
     def unsaved_updates(self) -> int:
         """Row-updates this process's rows made since their last committed save: what its death would lose."""
-        return self.tracker.pending_total() + (self._pending.unsaved if self._pending is not None else 0)
+        return self.tracker.pending_total() + sum(p.unsaved for p in self._in_flight())
 
     # -- recovery ---------------------------------------------------------------------------------------
     def recover(self, failed_shards: Sequence[int]) -> RecoveryResult:
@@ -815,10 +853,11 @@ class CPRCheckpointer:
         plan around the re-formed process group: rows, row-wise and dense optimizer state are copied in
         memory (nothing is read from a save), lookups are tracked on the new model, and CPR's collectives
         use the new group. The save in flight finishes writing here; `rejoin` settles whether it committed."""
-        if self._pending is not None and self._pending.future is not None:
-            self._pending.future.exception()  # wait for this rank's parts (errors are in its result)
-        if self._pending is not None and self._pending.committing is not None:
-            self._pending.committing.exception()  # and for the coordinator's commit: the folder is settled
+        for pending in self._in_flight():
+            if pending.future is not None:
+                pending.future.exception()  # wait for this rank's parts (errors are in its result)
+            if pending.committing is not None:
+                pending.committing.exception()  # and for the coordinator's commit: the folder is settled
         _init_optim_state(optimizer)
         retained = dense.capture(self.model, self.optimizer, self.tables)
         self.tables.move_to(model, optimizer)
@@ -880,20 +919,21 @@ class CPRCheckpointer:
         return RejoinResult("partial", failed_at, failed_at, outcome[0], replaced)
 
     def _settle_interrupted_save(self, saves: Sequence[SaveInfo]) -> None:
-        """The save that was in flight when the group broke committed everywhere or nowhere: `saves`, the
-        folder's committed saves, say which."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        step, kind = pending.decision.step, pending.decision.kind
-        committed = next((s for s in saves if (s.step, s.kind) == (step, kind)), None)
-        if committed is not None:
-            self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
-            return
-        self._undo_save(pending, "a rank died before the save committed")
-        staging = pending.write_result()[2]
-        if self.coordinator.is_coordinator and staging is not None:
-            self.store.abandon(staging)  # (a replaced coordinator's staging folder goes as a dead writer's)
+        """Each save in flight when the group broke (and each queued behind it) committed everywhere or nowhere:
+        `saves`, the folder's committed saves, say which."""
+        interrupted = self._in_flight()
+        self._pending = None
+        self._queued.clear()
+        for pending in interrupted:
+            step, kind = pending.decision.step, pending.decision.kind
+            committed = next((s for s in saves if (s.step, s.kind) == (step, kind)), None)
+            if committed is not None:
+                self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
+                continue
+            self._undo_save(pending, "a rank died before the save committed")
+            staging = pending.write_result()[2]
+            if self.coordinator.is_coordinator and staging is not None:
+                self.store.abandon(staging)  # (a replaced coordinator's staging folder goes as a dead writer's)
 
     def _live_state(self) -> dict[str, Any]:
         """What a replacement takes from a survivor: everything but the rows, as training has it now."""

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
 
 from cpr import CPRCheckpointer
+from cpr.checkpointer import QUEUED_SUBSET_SAVES
 from cpr.storage import DENSE_PART, CheckpointStore
 from cpr.storage.names import ids_name, state_name, weight_name
 from tests.test_checkpointer import ebc_step, make_batch, plain_ebc, train_step
@@ -149,6 +151,59 @@ def test_no_save_is_started_at_the_jobs_last_step(tmp_path):
         ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
     ckpt.flush()
     assert [s.step for s in ckpt.store.saves()] == [0, 2]  # none at step 4: no failure of the job can follow it
+
+
+def test_a_subset_due_while_a_full_save_is_written_is_queued_and_saves_what_a_sync_run_saves(tmp_path):
+    """A subset save decided while a full save is being written does not wait for it: it is copied at once and
+    written after it. The saves are those of a synchronous run."""
+    options = {"subset_interval_steps": 1, "fraction": 0.2}
+    jobs, queued, depths = {}, [], []
+    for mode in ("async", "sync"):
+        torch.manual_seed(0)
+        ebc, optimizer = plain_ebc(ROWS)
+        ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / mode, policy="mfu", num_shards=2, total_steps=20,
+                               interval_steps=4, async_save=mode == "async", keep_last=10, policy_options=options)
+        jobs[mode] = (ebc, optimizer, ckpt)
+    ckpt = jobs["async"][2]
+    real_write, real_save, held = ckpt.store.write_part, ckpt._save, []
+
+    def slow_full_write(staging, part, step, kind, *args):
+        if kind == "full" and step > 0 and step not in held:
+            held.append(step)
+            deadline = time.monotonic() + 60
+            while len(queued) < len(held) and time.monotonic() < deadline:  # until the next subset is queued
+                time.sleep(0.01)
+        return real_write(staging, part, step, kind, *args)
+
+    def save(decision, queue=False):
+        real_save(decision, queue=queue)
+        if queue:
+            queued.append((ckpt.global_step, ckpt._pending.decision.step))
+            depths.append(len(ckpt._queued))
+
+    ckpt.store.write_part, ckpt._save = slow_full_write, save
+    for mode, (ebc, optimizer, job) in jobs.items():
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(11):
+            ebc_step(ebc, optimizer, job, make_batch(gen, rows=ROWS))
+        job.flush()
+    # The subset of step 5 queued behind the full save of step 4 (held until it is), and so on; the subsets
+    # after it queue too while a save is in flight, at most QUEUED_SUBSET_SAVES of them.
+    assert [(step, behind) for step, behind in queued if step in (5, 9)] == [(5, 4), (9, 8)]
+    assert max(depths) <= QUEUED_SUBSET_SAVES
+    saves = {mode: job.store.saves() for mode, (_, _, job) in jobs.items()}
+    assert [(s.step, s.kind) for s in saves["async"]] == [(s.step, s.kind) for s in saves["sync"]]
+    assert (5, "subset") in [(s.step, s.kind) for s in saves["sync"]]
+    for a, b in zip(saves["async"], saves["sync"]):
+        assert set(a.parts) == set(b.parts)
+        for part in a.parts:
+            left, right = jobs["async"][2].store.load_part(a, part), jobs["sync"][2].store.load_part(b, part)
+            assert left.tensors.keys() == right.tensors.keys()
+            for name, tensor in left.tensors.items():
+                assert torch.equal(tensor, right.tensors[name]), (a.step, part, name)
+    assert [(c.step, c.kind) for c in ckpt.ledger.checkpoints] == [(s.step, s.kind) for s in saves["async"]]
+    for _, _, job in jobs.values():
+        job.close()
 
 
 @pytest.mark.parametrize("policy, options", [("partial", None), ("mfu", {"subset_interval_steps": 5})])
