@@ -38,16 +38,22 @@ def test_an_async_save_equals_a_sync_save_of_the_same_state(tmp_path):
         for _ in range(7):
             ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
         ckpt.flush()
-    saves = {mode: ckpt.store.saves() for mode, (_, _, ckpt) in jobs.items()}
-    assert [(s.step, s.kind) for s in saves["async"]] == [(s.step, s.kind) for s in saves["sync"]] == \
-        [(0, "full"), (2, "full"), (4, "full"), (6, "full")]
-    for a, b in zip(saves["async"], saves["sync"]):
+    saves = _same_saves(jobs["async"][2], jobs["sync"][2])
+    assert [(s.step, s.kind) for s in saves] == [(0, "full"), (2, "full"), (4, "full"), (6, "full")]
+
+
+def _same_saves(left: CPRCheckpointer, right: CPRCheckpointer) -> list:
+    """Assert that two jobs committed the same saves, tensor for tensor; the first job's saves."""
+    saves = left.store.saves()
+    assert [(s.step, s.kind) for s in saves] == [(s.step, s.kind) for s in right.store.saves()]
+    for a, b in zip(saves, right.store.saves()):
         assert set(a.parts) == set(b.parts)
         for part in a.parts:
-            left, right = jobs["async"][2].store.load_part(a, part), jobs["sync"][2].store.load_part(b, part)
-            assert left.tensors.keys() == right.tensors.keys()
-            for name, tensor in left.tensors.items():
-                assert torch.equal(tensor, right.tensors[name]), (a.step, part, name)
+            ours, theirs = left.store.load_part(a, part), right.store.load_part(b, part)
+            assert ours.tensors.keys() == theirs.tensors.keys()
+            for name, tensor in ours.tensors.items():
+                assert torch.equal(tensor, theirs.tensors[name]), (a.step, part, name)
+    return saves
 
 
 def test_a_failed_background_write_undoes_the_marks(tmp_path):
@@ -191,17 +197,9 @@ def test_a_subset_due_while_a_full_save_is_written_is_queued_and_saves_what_a_sy
     # after it queue too while a save is in flight, at most QUEUED_SUBSET_SAVES of them.
     assert [(step, behind) for step, behind in queued if step in (5, 9)] == [(5, 4), (9, 8)]
     assert max(depths) <= QUEUED_SUBSET_SAVES
-    saves = {mode: job.store.saves() for mode, (_, _, job) in jobs.items()}
-    assert [(s.step, s.kind) for s in saves["async"]] == [(s.step, s.kind) for s in saves["sync"]]
-    assert (5, "subset") in [(s.step, s.kind) for s in saves["sync"]]
-    for a, b in zip(saves["async"], saves["sync"]):
-        assert set(a.parts) == set(b.parts)
-        for part in a.parts:
-            left, right = jobs["async"][2].store.load_part(a, part), jobs["sync"][2].store.load_part(b, part)
-            assert left.tensors.keys() == right.tensors.keys()
-            for name, tensor in left.tensors.items():
-                assert torch.equal(tensor, right.tensors[name]), (a.step, part, name)
-    assert [(c.step, c.kind) for c in ckpt.ledger.checkpoints] == [(s.step, s.kind) for s in saves["async"]]
+    saves = _same_saves(jobs["async"][2], jobs["sync"][2])
+    assert (5, "subset") in [(s.step, s.kind) for s in saves]
+    assert [(c.step, c.kind) for c in ckpt.ledger.checkpoints] == [(s.step, s.kind) for s in saves]
     for _, _, job in jobs.values():
         job.close()
 
