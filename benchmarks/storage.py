@@ -304,20 +304,23 @@ def verdicts(result: dict) -> dict:
             value = result["throughput_ratio"][name]
             # beyond the time outside the steps that a run without checkpoints has too (reading batches, logging)
             bookkeeping = (run_["wall_s"] - run_["steps_s"] - run_["save_stall_s"]) - (none["wall_s"] - none["steps_s"])
+            step_ms = none["steps_s"] / result["throughput_steps"] * 1e3
+            per_save_ms = (run_["wall_s"] - none["wall_s"]) / max(run_["saves"], 1) * 1e3
             judge(f"throughput_{name}", value, ">= 0.98", value >= 0.98,
                   f"{run_['saves']} saves ({run_['full_saves']} full) in {result['throughput_steps']} steps of "
-                  f"{none['steps_s'] / result['throughput_steps'] * 1e3:.1f} ms: the training thread spent "
-                  f"{run_['save_stall_s']:.2f} s on them"
-                  + (f" ({run_['full_save_stall_s']:.2f} s on the full saves, mostly the next save, due a few steps "
-                     "later, waiting for a full save's write: one save is in flight at a time)" if run_["full_saves"] else "")
-                  + f" and {bookkeeping:.2f} s more outside its steps (the policy's "
-                  f"planning and bookkeeping), and its steps took "
-                  f"{run_['steps_s'] - none['steps_s']:.2f} s longer than without checkpoints while the writer "
-                  f"thread's {run_['persist_s']:.2f} s of persisting shared the 2 cores (other jobs use them too); "
-                  f"against {none['wall_s']:.2f} s for the whole run without checkpoints. The emulation compresses "
-                  "the profile's job into these steps, so the plan saves every few steps; each save has a fixed "
-                  "cost (a part per emulated domain: 16 manifests, about 50 fsyncs) that real step times and "
-                  "intervals (minutes) would make negligible")
+                  f"{step_ms:.1f} ms: the training thread spent {run_['save_stall_s']:.2f} s on them"
+                  + (f" ({run_['full_save_stall_s']:.2f} s on the full saves: their snapshots, and waiting for "
+                     "one's write when more subsets fell due meanwhile than may queue behind it)" if run_["full_saves"] else "")
+                  + f" and {bookkeeping:.2f} s more outside its steps (the policy's planning and bookkeeping), and "
+                  f"its steps took {run_['steps_s'] - none['steps_s']:.2f} s longer than without checkpoints while the "
+                  f"writer thread's {run_['persist_s']:.2f} s of persisting shared the 2 cores (other jobs use them "
+                  f"too); against {none['wall_s']:.2f} s for the whole run without checkpoints. That is "
+                  f"{per_save_ms:.0f} ms of wall clock per save, a save every "
+                  f"{result['throughput_steps'] / max(run_['saves'], 1):.0f} steps: at that cost 0.98x needs saves "
+                  f"at least {per_save_ms / (0.02 * step_ms):.0f} steps apart. The emulation compresses the profile's "
+                  "job (hours between subset saves) into these steps; a save's fixed cost (a part per emulated domain: "
+                  "16 manifests, about 50 fsyncs, the writer's Python under the GIL) is what such intervals would make "
+                  "negligible")
     return out
 
 
