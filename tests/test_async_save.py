@@ -261,3 +261,17 @@ def _row_tensors(ckpt: CPRCheckpointer) -> dict[str, torch.Tensor]:
         out[weight_name(table)] = ckpt.tables.weight(table)
         out.update({state_name(table, s): v for s, v in ckpt.tables.row_states(table).items()})
     return out
+
+
+def test_the_writer_thread_runs_torch_ops_on_one_thread_and_training_keeps_its_threads(tmp_path):
+    """A torch op on the writer thread must not start a second team of intra-op threads (which competed with
+    training's on 2 cores: steps 1.9x slower); training's own thread count must not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, _, ckpt = _job(tmp_path, "a", async_save=True)
+        assert ckpt._executor.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        ckpt.close()
+    finally:
+        torch.set_num_threads(threads)
