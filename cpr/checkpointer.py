@@ -124,9 +124,9 @@ class RecoveryResult:
     failures: tuple[FailureEvent, ...] = field(default_factory=tuple)
 
 
-POLICY_PREFIX = "policy/"
+POLICY_PREFIX = "policy/"  # the policy's state tensors in the dense part of a full save
 # Subset saves that may wait, copied, for the writer thread behind the save in flight (a few rows each).
-QUEUED_SUBSET_SAVES = 4  # the policy's state tensors in the dense part of a full save
+QUEUED_SUBSET_SAVES = 4
 
 
 class _SelectedRows(NamedTuple):
