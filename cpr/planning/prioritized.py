@@ -13,6 +13,7 @@ grid does not depend on the target and T_full only grows with it, a higher targe
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
@@ -89,6 +90,7 @@ class AccessProfile:
         self._cumulative_starts = np.cumsum(self._lengths + 1) - (self._lengths + 1)
         # mfu_ages by (fraction, subset_steps): a policy re-plans from the same profile many times.
         self._mfu_ages: dict[tuple[float, int], tuple[np.ndarray, dict[str, float]]] = {}
+        self._mfu_thresholds: dict[float, np.ndarray] = {}
         self._histograms: dict[tuple[str, float, int], AgeHistogram] = {}
         self._top_shares: dict[float, float] = {}
         # The grid points of each model, by (model key, knob, T_sub): a re-plan evaluates them all again.
@@ -174,16 +176,15 @@ class AccessProfile:
 
     def _solve_mfu_ages(self, fraction: float, subset_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         s = float(subset_steps)
-        sizes = np.array([len(g.rates) for g in self.groups])
-        quota = np.array([math.ceil(fraction * g.rows) for g in self.groups], dtype=np.float64) / s
-        group = np.repeat(np.arange(len(self.groups)), sizes)
+        sizes, group = self._mfu_layout
+        quota = self._mfu_quota(fraction) / s
         rates = self.rates
 
         def saves_per_step(theta: np.ndarray) -> np.ndarray:
             return np.bincount(group, weights=np.minimum(1 / s, rates / theta[group]), minlength=len(sizes))
 
         busy = saves_per_step(np.ones(len(sizes))) > quota  # more accessed rows than the quota: theta > 1
-        theta = np.where(busy, self._mfu_threshold(group, sizes, quota, s), 1.0)
+        theta = np.where(busy, np.maximum(s * self._mfu_threshold_per_step(fraction), 1.0), 1.0)
         ages = (theta[group] - 1) / (2 * rates) + s / 2
         per_save = np.minimum(quota, saves_per_step(theta)) * s
         rows: dict[str, float] = {}
@@ -191,24 +192,40 @@ class AccessProfile:
             rows[g.table] = rows.get(g.table, 0.0) + float(n)
         return ages, rows
 
-    def _mfu_threshold(self, group: np.ndarray, sizes: np.ndarray, quota: np.ndarray, s: float) -> np.ndarray:
-        """theta of every shard, solved exactly (one pass over the rows, not a search): with the rates of a
-        shard descending, the rows saved every T_sub are a prefix, the first J, and the rest give
-        l_i / theta, so theta = (sum of the rates after the first J) / (quota - J / T_sub). Row i belongs to
-        that prefix exactly when the saves per step at theta = T_sub * l_i fall short of the quota."""
-        rates = self.rates
-        starts = np.cumsum(sizes) - sizes
-        position = np.arange(len(rates)) - starts[group]  # i's index within its shard, from 0
-        totals = np.bincount(group, weights=rates, minlength=len(sizes))
-        prefix = np.concatenate([[0.0], np.cumsum(rates)])  # prefix[i]: the rates of every row before i
-        after = totals[group] - (prefix[1:] - prefix[starts[group]])  # rates of i's shard after row i
-        with np.errstate(divide="ignore", invalid="ignore"):
-            short = (position + 1) / s + after / (s * rates) < quota[group]
-        saturated = np.bincount(group, weights=short, minlength=len(sizes)).astype(np.int64)
-        rest = totals - (prefix[starts + saturated] - prefix[starts])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            theta = rest / np.maximum(quota - saturated / s, 1e-300)
-        return np.maximum(theta, 1.0)
+    @functools.cached_property
+    def _mfu_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows per shard, and each row's shard."""
+        sizes = np.array([len(g.rates) for g in self.groups])
+        return sizes, np.repeat(np.arange(len(self.groups)), sizes)
+
+    def _mfu_quota(self, fraction: float) -> np.ndarray:
+        """k = ceil(r * rows) of every shard: the rows each subset save takes."""
+        return np.array([math.ceil(fraction * g.rows) for g in self.groups], dtype=np.float64)
+
+    def _mfu_threshold_per_step(self, fraction: float) -> np.ndarray:
+        """theta / T_sub of every shard (before theta >= 1 is imposed), solved exactly (one pass over the rows,
+        not a search) and the same for every T_sub, so it is solved once per fraction: with the rates of a
+        shard descending, the rows saved every T_sub are a prefix, the first J, and the rest give l_i / theta,
+        so theta = (sum of the rates after the first J) / (quota - J / T_sub) with quota = k / T_sub, that is
+        T_sub * (rates after J) / (k - J). Row i belongs to that prefix exactly when the saves per step at
+        theta = T_sub * l_i fall short of the quota: (i + 1) + (rates after i) / l_i < k (i from 0 in its
+        shard), whatever T_sub."""
+        if fraction not in self._mfu_thresholds:
+            sizes, group = self._mfu_layout
+            k = self._mfu_quota(fraction)
+            rates = self.rates
+            starts = np.cumsum(sizes) - sizes
+            position = np.arange(len(rates)) - starts[group]  # i's index within its shard, from 0
+            totals = np.bincount(group, weights=rates, minlength=len(sizes))
+            prefix = np.concatenate([[0.0], np.cumsum(rates)])  # prefix[i]: the rates of every row before i
+            after = totals[group] - (prefix[1:] - prefix[starts[group]])  # rates of i's shard after row i
+            with np.errstate(divide="ignore", invalid="ignore"):
+                short = (position + 1) + after / rates < k[group]
+            saturated = np.bincount(group, weights=short, minlength=len(sizes)).astype(np.int64)
+            rest = totals - (prefix[starts + saturated] - prefix[starts])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self._mfu_thresholds[fraction] = rest / np.maximum(k - saturated, 1e-300)
+        return self._mfu_thresholds[fraction]
 
     def age_histogram(self, key: tuple[str, float, int], ages: Callable[[], np.ndarray]) -> AgeHistogram:
         """The rows in ~1000 log-spaced bins of their age (`ages()`, per row; inf for rows no subset save
