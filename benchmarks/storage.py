@@ -247,16 +247,17 @@ def training_runs(args: argparse.Namespace, folder: Path) -> dict:
 
 def time_breakdown(summary: dict) -> dict:
     """Where a throughput run's wall-clock time went: its training steps, the training thread's time on saves
-    (snapshots, gathering and settling commits, waiting for a save in flight) and the writer thread's
-    (persisting, on the same cores as training)."""
+    (snapshots, gathering and settling commits, waiting for a save in flight) and on planning, and the writer
+    thread's (persisting, on the same cores as training)."""
     saves = [c for c in summary["checkpoints"] if c["step"] > 0]  # the initial save is made before the loop
     return {"wall_s": summary["wall_seconds"],
             "steps_s": summary["samples"] / summary["step_samples_per_s"] if summary["step_samples_per_s"] else 0.0,
             "saves": len(saves), "full_saves": sum(c["kind"] == "full" for c in saves),
             "save_stall_s": sum(c["seconds"] for c in saves),
-            # a full save's stall includes the next save waiting for it to be written (one save in flight)
+            # a full save's stall includes a save waiting for it to be written (when more fell due than may queue)
             "full_save_stall_s": sum(c["seconds"] for c in saves if c["kind"] == "full"),
-            "persist_s": sum(c["persist_seconds"] for c in saves)}
+            "persist_s": sum(c["persist_seconds"] for c in saves),
+            "planning_s": summary["policy_settings"].get("planning_seconds", 0.0)}
 
 
 def verdicts(result: dict) -> dict:
@@ -311,7 +312,8 @@ def verdicts(result: dict) -> dict:
                   f"{step_ms:.1f} ms: the training thread spent {run_['save_stall_s']:.2f} s on them"
                   + (f" ({run_['full_save_stall_s']:.2f} s on the full saves: their snapshots, and waiting for "
                      "one's write when more subsets fell due meanwhile than may queue behind it)" if run_["full_saves"] else "")
-                  + f" and {bookkeeping:.2f} s more outside its steps (the policy's planning and bookkeeping), and "
+                  + f" and {bookkeeping:.2f} s more outside its steps ({run_['planning_s']:.2f} s of it the policy's "
+                  "planning, mostly its one-time calibration; the rest its bookkeeping), and "
                   f"its steps took {run_['steps_s'] - none['steps_s']:.2f} s longer than without checkpoints while the "
                   f"writer thread's {run_['persist_s']:.2f} s of persisting shared the 2 cores (other jobs use them "
                   f"too); against {none['wall_s']:.2f} s for the whole run without checkpoints. That is "

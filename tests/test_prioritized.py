@@ -231,6 +231,7 @@ def test_cli_runs_the_policy_end_to_end(policy, tmp_path):
     assert summary["policy"] == policy and summary["auc"] > 0.5
     settings = summary["policy_settings"]
     assert settings["planned_meets_target"] and settings["planned_expected_pls"] <= 0.05
+    assert 0 < settings["planning_seconds"] < summary["wall_seconds"]  # the calibration's plan, at least
     assert summary["pls_expected"] > 0
     assert summary["policy_memory_bytes"] > 0 or (policy == "ssu" and settings["subset_interval_steps"] == 0)
     kinds = {c["kind"] for c in summary["checkpoints"]}

@@ -20,6 +20,7 @@ the run meets its PLS target whatever the model got wrong (docs/prioritized.md, 
 from __future__ import annotations
 
 import math
+import time
 from abc import abstractmethod
 from dataclasses import fields
 from typing import Any, Callable, ClassVar, Mapping
@@ -136,6 +137,7 @@ class PrioritizedPolicy(CheckpointPolicy):
         self._last_full = self._previous_full = 0
         self._full_bytes = 0
         self._row_bytes: dict[str, int] = {}
+        self.planning_seconds = 0.0  # spent in the planner (the calibration's plan and every re-plan)
 
     # -- the whole-run goal -----------------------------------------------------------------------------
     @property
@@ -239,6 +241,7 @@ class PrioritizedPolicy(CheckpointPolicy):
             self.replans += 1
 
     def _plan_for(self, target: float, correction: float) -> None:
+        started = time.perf_counter()
         ctx = self.context
         knob = self.pinned.get(self.knob_option)
         subset = self.pinned.get("subset_interval_steps")
@@ -266,6 +269,7 @@ class PrioritizedPolicy(CheckpointPolicy):
         self.full_interval_steps = self.plan.full_interval_steps
         self.subset_interval_steps = self.plan.subset_interval_steps
         self.apply_plan(self.plan)
+        self.planning_seconds += time.perf_counter() - started
 
     def stateful_knobs(self) -> bool:
         """True when the knob and T_sub now in use hold state that a re-plan must not change."""
@@ -343,6 +347,7 @@ class PrioritizedPolicy(CheckpointPolicy):
             "pinned": self.pinned,
             "target_pls": self.context.target_pls,
             "replans": self.replans,
+            "planning_seconds": self.planning_seconds,  # this process's, calibration included
             "measured_mean_age_steps": self._meter.measured_age,
             "age_correction": self._meter.correction,
         }
