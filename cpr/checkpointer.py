@@ -159,6 +159,7 @@ class _PendingSave:
     future: Future | None = None
     written: tuple | None = None
     gathered: list[tuple[dict[str, WrittenPart], str | None]] | None = None
+    data_bytes: int = 0  # the data every rank's parts hold (see CheckpointEvent.data_bytes), once gathered
     committing: Future | None = None
     stall_seconds: float = 0.0  # the training thread's time on this save: snapshot, preserving rows, gathering, settling
 
@@ -627,6 +628,7 @@ class CPRCheckpointer:
         written, error, staging, _ = pending.write_result()
         gathered = self.coordinator.all_gather((written, error))
         pending.gathered = gathered
+        pending.data_bytes = sum(part.manifest.data_nbytes for parts, _ in gathered for part in parts.values())
         errors = [e for _, e in gathered if e]
         if pending.decision.kind == "subset" and not errors and not any(r for r, _ in gathered):
             self._advance()
@@ -651,7 +653,7 @@ class CPRCheckpointer:
                 staging, pending.decision.step, pending.decision.kind, self.policy.name,
                 {name: part for written, _ in pending.gathered for name, part in written.items()},
                 world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
-                num_domains=self.layout.num_shards, extra=pending.extra,
+                num_domains=self.layout.num_shards, extra={**pending.extra, "data_bytes": pending.data_bytes},
             )
         except OSError as err:
             return f"commit: {type(err).__name__}: {err}"
@@ -672,7 +674,7 @@ class CPRCheckpointer:
             return
         persist_seconds = pending.write_result()[3]
         self.ledger.record_save(step, kind, sum(w.record.nbytes for written, _ in pending.gathered for w in written.values()),
-                                pending.stall_seconds + time.perf_counter() - started, persist_seconds)
+                                pending.stall_seconds + time.perf_counter() - started, persist_seconds, pending.data_bytes)
 
     def _undo_save(self, pending: _PendingSave, error: str) -> None:
         """A save that will never commit: its accesses are unsaved again and the policy decides anew."""
@@ -773,7 +775,7 @@ class CPRCheckpointer:
         if state is None:
             return
         self.ledger.load_state_dict(state)
-        self.ledger.record_save(save.step, save.kind, save.nbytes, 0.0)
+        self.ledger.record_save(save.step, save.kind, save.nbytes, 0.0, data_bytes=save.extra.get("data_bytes"))
 
     def _apply_full(self, loaded: Mapping[str, LoadedPart]) -> None:
         with torch.no_grad():
@@ -928,7 +930,8 @@ class CPRCheckpointer:
             step, kind = pending.decision.step, pending.decision.kind
             committed = next((s for s in saves if (s.step, s.kind) == (step, kind)), None)
             if committed is not None:
-                self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds)
+                self.ledger.record_save(step, kind, committed.nbytes, pending.stall_seconds,
+                                        data_bytes=committed.extra.get("data_bytes"))
                 continue
             self._undo_save(pending, "a rank died before the save committed")
             staging = pending.write_result()[2]

@@ -113,6 +113,12 @@ class Manifest:
     def has(self, name: str) -> bool:
         return any(entry.name == name for entry in self.tensors)
 
+    @property
+    def data_nbytes(self) -> int:
+        """The bytes of the tensors' data as their codecs store them: `nbytes` without the file format's own
+        (a torch.save record's headers)."""
+        return sum(codecs.stored_nbytes(e.codec, DTYPES[e.dtype], e.shape) for e in self.tensors)
+
     def to_json(self) -> str:
         # The records' fields taken one level deep: asdict's deep copies cost more than the rest of a subset save.
         data: dict[str, Any] = {name: getattr(self, name) for name in _MANIFEST_FIELDS}
