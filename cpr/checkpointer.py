@@ -38,7 +38,7 @@ from cpr.policies import make_policy
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
 from cpr.shards import ShardLayout
 from cpr.snapshot import RowSnapshot, SnapshotMode
-from cpr.threads import become_background_thread
+from cpr.threads import one_intraop_thread
 from cpr.storage import (
     DENSE_PART,
     CheckpointMismatchError,
@@ -303,7 +303,7 @@ class CPRCheckpointer:
         self._queued: collections.deque[_PendingSave] = collections.deque()
         # One writer thread: saves are written one after the other, in the order they were decided.
         self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-save",
-                                             initializer=become_background_thread) if async_save else None)
+                                             initializer=one_intraop_thread) if async_save else None)
         try:
             self._open(model, optimizer, resume, overwrite, joining)
         except BaseException:

@@ -1,19 +1,16 @@
-"""Background threads that keep off training's cores: CPR's writer thread takes one core, no more.
+"""Background threads that keep off training's cores: torch ops on them run on one intra-op thread.
 
 A torch op large enough to run in parallel on a second Python thread starts a second OpenMP thread team
 there, which from then on competes with training's intra-op threads for the cores: on 2 cores, one int8
 save encoded on CPR's writer thread left every later training step 1.9x slower. OpenMP's thread count is
 a per-thread setting, so the writer thread lowers its own to 1 (after torch's lazy per-thread set-up, which
 would otherwise override it) and training keeps its threads. `torch.set_num_threads` cannot do this: it
-also changes MKL's threads for the whole process. For the same reason CPR's own work on a background
-thread uses no helper thread (`in_background`): a synchronous save, which training waits for, computes
-its checksums on another core while it writes; an asynchronous one computes them on the writer thread.
+also changes MKL's threads for the whole process.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import torch
 
@@ -35,19 +32,9 @@ def _openmp() -> ctypes.CDLL | None:
     return None
 
 
-_thread = threading.local()
-
-
-def become_background_thread() -> None:
-    """Make the calling thread a background thread: torch's parallel ops run serially on it, and CPR's work
-    on it starts no helper thread (a thread pool's `initializer`)."""
+def one_intraop_thread() -> None:
+    """Make the calling thread run torch's parallel ops serially (a thread pool's `initializer`)."""
     torch.get_num_threads()  # torch's per-thread OpenMP set-up, done once per thread, happens now
     runtime = _openmp()
     if runtime is not None:
         runtime.omp_set_num_threads(1)
-    _thread.background = True
-
-
-def in_background() -> bool:
-    """Whether the calling thread is a background thread (see `become_background_thread`)."""
-    return getattr(_thread, "background", False)

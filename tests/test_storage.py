@@ -397,20 +397,3 @@ def test_large_records_start_their_writeback_and_read_back_unchanged(tmp_path, m
     assert (tmp_path / "tensors.bin").stat().st_size == size
     for entry in entries:
         assert torch.equal(tensor_io.read_tensor(tmp_path, entry, size), tensors[entry.name])
-
-
-def test_a_background_writer_computes_checksums_itself_and_a_foreground_one_on_another_core(tmp_path, monkeypatch):
-    """A synchronous save (training waits) overlaps a large record's crc32 with its write on a helper thread; the
-    asynchronous writer thread must not take that second core from training. The checksums agree."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cpr.threads import become_background_thread
-
-    real, used = tensor_io._crc32_thread, []
-    monkeypatch.setattr(tensor_io, "_crc32_thread", lambda: used.append(1) or real())
-    big = {"w": torch.arange(1 << 19, dtype=torch.float32)}  # 2 MiB: above the overlapped-crc32 size
-    with ThreadPoolExecutor(1, initializer=become_background_thread) as writer:
-        background = writer.submit(tensor_io.write_tensors, tmp_path / "bg.bin", big, torch_save=True).result()
-    assert not used
-    foreground = tensor_io.write_tensors(tmp_path / "fg.bin", big, torch_save=True)
-    assert used and foreground[0].checksum == background[0].checksum

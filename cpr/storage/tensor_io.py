@@ -28,8 +28,6 @@ import numpy as np
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from cpr import threads
-
 from . import codecs, files, location
 from .errors import CorruptCheckpointError
 from .location import Folder
@@ -148,9 +146,8 @@ class _SerializationStream:
             self._passed = len(self.metadata)
 
     def _pass_on(self, chunk: memoryview) -> None:
-        if chunk.nbytes >= _OVERLAPPED_CRC32_BYTES and not threads.in_background():
-            # Both release the GIL: the crc32 of a large storage runs on another core while it is written
-            # (not on a background writer's: that core is training's, see cpr/threads.py).
+        if chunk.nbytes >= _OVERLAPPED_CRC32_BYTES:
+            # Both release the GIL: the crc32 of a large storage runs on another core while it is written.
             checksum = _crc32_thread().submit(zlib.crc32, chunk, self.checksum)
             self._file.write(chunk)
             location.start_writeback(self._file)
