@@ -82,6 +82,11 @@ class TensorEntry:
     # record of a torch.save serialization (see tensor_io.py), read by offset without unpickling anything.
     payload_offset: int = 0
 
+    @property
+    def payload_nbytes(self) -> int:
+        """The bytes of the tensor's data as its codec stores them: `nbytes` without a torch.save record's own."""
+        return codecs.stored_nbytes(self.codec, DTYPES[self.dtype], self.shape)
+
 
 @dataclass
 class Manifest:
@@ -117,7 +122,7 @@ class Manifest:
     def data_nbytes(self) -> int:
         """The bytes of the tensors' data as their codecs store them: `nbytes` without the file format's own
         (a torch.save record's headers)."""
-        return sum(codecs.stored_nbytes(e.codec, DTYPES[e.dtype], e.shape) for e in self.tensors)
+        return sum(entry.payload_nbytes for entry in self.tensors)
 
     def to_json(self) -> str:
         # The records' fields taken one level deep: asdict's deep copies cost more than the rest of a subset save.

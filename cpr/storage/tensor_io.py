@@ -229,7 +229,7 @@ def read_tensor(folder: Folder, entry: TensorEntry, file_size: int) -> torch.Ten
     if checksum != entry.checksum:
         raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: crc32 {checksum:#010x} != manifest "
                                      f"{entry.checksum:#010x}")
-    payload = codecs.stored_nbytes(entry.codec, DTYPES[entry.dtype], entry.shape)
+    payload = entry.payload_nbytes
     if entry.payload_offset and not _is_storage_record(buffer, entry.payload_offset, payload):
         raise CorruptCheckpointError(folder, entry.file, f"{entry.name}: its torch.save record's bytes do not hold "
                                      f"{entry.dtype}{list(entry.shape)} as {entry.codec}")
