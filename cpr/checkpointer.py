@@ -315,7 +315,7 @@ class CPRCheckpointer:
     def _open(self, model: nn.Module, optimizer: torch.optim.Optimizer, resume: bool, overwrite: bool, joining: bool) -> None:
         """The rest of `__init__` once the folder is locked: the record, and the state training starts from."""
         # (a joining process learns it in `rejoin`, with the survivors)
-        self._staging_tag = None if joining else self.coordinator.broadcast(self.store.writer_tag())
+        self._staging_tag = None if joining else self.coordinator.broadcast(self.store.writer_tag(), site="start.staging_tag")
         own_bytes = self.tables.nbytes()
         if self.coordinator.is_coordinator:
             own_bytes += sum(t.nbytes for t in dense.capture(model, optimizer, self.tables).values())
@@ -338,7 +338,7 @@ class CPRCheckpointer:
                 raise EarlierRunError(
                     f"checkpoint folder {self.store.directory} holds {len(saves)} saves of an earlier run (newest at "
                     f"step {saves[-1].step}); resume it, or start over deleting them (--overwrite / overwrite=True)")
-            self.coordinator.all_gather(None)  # every rank has looked before the saves go
+            self.coordinator.all_gather(None, site="start.overwrite_barrier")  # every rank has looked before the saves go
             if self.coordinator.is_coordinator:
                 self.store.discard_after(-1)
         if self.policy.recovery != "none":
@@ -440,7 +440,7 @@ class CPRCheckpointer:
                                                (1, self._table_meta[table].dim))
                 per_row += sum(state[0].nbytes for state in self.tables.row_states(table).values()) + 8  # + the id
                 new_bytes[domain_part(domain)] += ids.numel() * per_row
-        every_domain = {part: n for gathered in self.coordinator.all_gather(new_bytes) for part, n in gathered.items()}
+        every_domain = {part: n for gathered in self.coordinator.all_gather(new_bytes, site="save.differential_sizes") for part, n in gathered.items()}
         for part, n in every_domain.items():
             chain_bytes = sum(s.parts[part].nbytes for s in chain if part in s.parts)
             if part in fulls[-1].parts and chain_bytes + n > fulls[-1].parts[part].nbytes:
@@ -601,12 +601,13 @@ class CPRCheckpointer:
         if pending is None:
             return
         if pending.gathered is None:
-            if not self.coordinator.all_true(pending.future is None or pending.future.done()):
+            if not self.coordinator.all_true(pending.future is None or pending.future.done(), site="save.poll_written"):
                 return
             started = time.perf_counter()
             self._gather(pending)
             pending.stall_seconds += time.perf_counter() - started
-        if self._pending is pending and self.coordinator.all_true(pending.committing is None or pending.committing.done()):
+        if self._pending is pending and self.coordinator.all_true(pending.committing is None or pending.committing.done(),
+                                                              site="save.poll_committed"):
             self._settle(pending)
 
     def _commit(self, pending: _PendingSave) -> None:
@@ -626,7 +627,7 @@ class CPRCheckpointer:
 
         Should a rank die meanwhile (CoordinationError), the save stays pending: `rejoin` settles it."""
         written, error, staging, _ = pending.write_result()
-        gathered = self.coordinator.all_gather((written, error))
+        gathered = self.coordinator.all_gather((written, error), site="save.gather_parts")
         pending.gathered = gathered
         pending.data_bytes = sum(part.manifest.data_nbytes for parts, _ in gathered for part in parts.values())
         errors = [e for _, e in gathered if e]
@@ -664,7 +665,8 @@ class CPRCheckpointer:
         marks and the policy's bookkeeping its snapshot made)."""
         started = time.perf_counter()
         step, kind = pending.decision.step, pending.decision.kind
-        outcome = self.coordinator.broadcast(pending.committing.result() if self.coordinator.is_coordinator else None)
+        outcome = self.coordinator.broadcast(pending.committing.result() if self.coordinator.is_coordinator else None,
+                                             site="save.settle_outcome")
         self._advance()
         if outcome is not None:
             self._undo_save(pending, outcome)
@@ -740,7 +742,7 @@ class CPRCheckpointer:
                 mismatch = str(err)
             except (CorruptCheckpointError, KeyError) as err:
                 problem = str(err)
-            statuses = self.coordinator.all_gather((problem, mismatch))
+            statuses = self.coordinator.all_gather((problem, mismatch), site="rollback.load_status")
             mismatches = [m for _, m in statuses if m]
             if mismatches:
                 raise CheckpointMismatchError(mismatches[0])
@@ -761,7 +763,7 @@ class CPRCheckpointer:
                 self._resume_record(save, loaded)
             for table in self.tables.tables:
                 self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
-            self.coordinator.all_gather(None)  # every rank has read the save before any newer one is removed
+            self.coordinator.all_gather(None, site="rollback.read_barrier")  # every rank has read the save before any newer one goes
             if self.coordinator.is_coordinator:
                 self.store.discard_after(save.step)  # saves past the rollback point describe a future that is gone
             return save.step, sum(part.bytes_read for part in loaded.values())
@@ -799,7 +801,7 @@ class CPRCheckpointer:
         if rolled_back is None:
             raise RecoveryError(f"no loadable full checkpoint in {self.store.directory}")
         step, loaded_here = rolled_back
-        loaded_bytes = int(self.coordinator.sum(loaded_here))
+        loaded_bytes = int(self.coordinator.sum(loaded_here, site="recover.full.bytes_read"))
         events = tuple(
             FailureEvent(failed_at, domain, "full", step, lost_updates=0, lost_steps=failed_at - step if i == 0 else 0,
                          loaded_bytes=loaded_bytes if i == 0 else 0)
@@ -838,7 +840,7 @@ class CPRCheckpointer:
                     outcome = self._restore_domain(shard, saves)
                 except (CorruptCheckpointError, FileNotFoundError, CheckpointMismatchError) as err:
                     problem = str(err)
-            gathered = self.coordinator.all_gather((problem, outcome))
+            gathered = self.coordinator.all_gather((problem, outcome), site="recover.partial.outcome")
             problems = [p for p, _ in gathered if p]
             if problems:
                 raise RecoveryError(f"shard {shard} cannot be restored: {problems[0]}")
@@ -879,10 +881,10 @@ class CPRCheckpointer:
         lowest surviving rank; survivors change nothing. Under `full` every rank rolls back to the last full
         save. With no survivor at all the job restarts from its newest full save (or its initial state).
         """
-        states = self.coordinator.all_gather((has_state, self.global_step))
+        states = self.coordinator.all_gather((has_state, self.global_step), site="rejoin.states")
         saves = self.store.saves()  # every survivor has finished its commit attempt: the folder is settled
         self._settle_interrupted_save(saves)
-        self._staging_tag = self.coordinator.broadcast(self.store.writer_tag())
+        self._staging_tag = self.coordinator.broadcast(self.store.writer_tag(), site="rejoin.staging_tag")
         survivors = [rank for rank, (alive, _) in enumerate(states) if alive]
         replaced = tuple(rank for rank, (alive, _) in enumerate(states) if not alive)
         if not has_state and self.coordinator.rank in replaced_progress:
@@ -895,14 +897,15 @@ class CPRCheckpointer:
             return RejoinResult("restart", self.global_step, max(step for _, step in states),
                                 rolled_back[1] if rolled_back else 0, replaced)
         source = survivors[0]
-        self.ledger.adopt_events(self.coordinator.broadcast(self.ledger, src=source))
+        self.ledger.adopt_events(self.coordinator.broadcast(self.ledger, src=source, site="rejoin.ledger"))
         failed_at = states[source][1]
         if self.policy.recovery == "full":
             _, bytes_read = self._roll_back_for(replaced, failed_at, saves)
             return RejoinResult("full", self.global_step, failed_at, bytes_read, replaced)
         if self.policy.recovery == "none":
             raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint: rank(s) {list(replaced)} cannot be restored")
-        live = self.coordinator.broadcast(self._live_state() if self.coordinator.rank == source else None, src=source)
+        live = self.coordinator.broadcast(self._live_state() if self.coordinator.rank == source else None, src=source,
+                                          site="rejoin.live_state")
         outcome, problem = (0, failed_at), None
         if not has_state:
             try:
@@ -910,7 +913,7 @@ class CPRCheckpointer:
             except (CorruptCheckpointError, FileNotFoundError, CheckpointMismatchError, KeyError) as err:
                 problem = str(err)
         self.global_step = failed_at
-        gathered = self.coordinator.all_gather((problem, outcome))
+        gathered = self.coordinator.all_gather((problem, outcome), site="rejoin.outcome")
         problems = [p for p, _ in gathered if p]
         if problems:
             raise RecoveryError(f"rank(s) {list(replaced)} cannot be restored: {problems[0]}")
@@ -1008,7 +1011,7 @@ class CPRCheckpointer:
         """The job's accounting: saves, failures, bytes, PLS (expected and measured), overhead. Collective:
         every rank's counts are added up, so every rank gets the same report. Commits the save in flight."""
         self.flush()
-        ledger = RunLedger.merged(self.coordinator.all_gather(self.ledger))
+        ledger = RunLedger.merged(self.coordinator.all_gather(self.ledger, site="report.ledgers"))
         summary = ledger.summary()
         summary["policy"] = self.policy.name
         summary["policy_settings"] = self.policy.settings()
@@ -1022,6 +1025,6 @@ class CPRCheckpointer:
             else 0.0
         )
         summary["plan"] = dataclasses.asdict(self.plan)
-        summary["tracking_bytes"] = self.coordinator.sum(self.tracker.memory_bytes())
-        summary["policy_memory_bytes"] = self.coordinator.sum(self.policy.memory_bytes())
+        summary["tracking_bytes"] = self.coordinator.sum(self.tracker.memory_bytes(), site="report.tracking_bytes")
+        summary["policy_memory_bytes"] = self.coordinator.sum(self.policy.memory_bytes(), site="report.policy_bytes")
         return summary

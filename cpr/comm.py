@@ -9,8 +9,10 @@ At world size 1 nothing is communicated.
 from __future__ import annotations
 
 import gc
+import json
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -18,6 +20,10 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300"))
+# A folder: every process appends each collective it enters, with the site that called it, to
+# `<folder>/rank-<rank>-pid-<pid>.jsonl` (one JSON object a line, flushed at once, so a killed process's
+# trace is whole up to its death). Ranks whose sequences differ are what a collective mismatch is made of.
+TRACE_ENV = "CPR_TRACE_COLLECTIVES"
 
 
 class CoordinationError(RuntimeError):
@@ -31,11 +37,23 @@ class Coordinator:
     the same order.
     """
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, trace: str | os.PathLike | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        trace = trace if trace is not None else os.environ.get(TRACE_ENV) or None
+        self._trace_folder = Path(trace) if trace is not None else None
         self.reform()
+
+    def _trace(self, op: str, site: str) -> None:
+        """Record one collective of this process (see TRACE_ENV); also at world size 1, where nothing is sent,
+        so that a one-process run shows the sequence a multi-rank one would run."""
+        if self._trace_folder is None:
+            return
+        self._trace_folder.mkdir(parents=True, exist_ok=True)
+        path = self._trace_folder / f"rank-{self.rank}-pid-{os.getpid()}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps({"op": op, "site": site, "world_size": self.world_size}) + "\n")
 
     def reform(self) -> None:
         """Take this process's place in the current default process group: at creation, and again after a
@@ -46,14 +64,19 @@ class Coordinator:
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         else:
             self.rank, self.world_size, self._group = 0, 1, None
+        self._trace("reform", "coordinator.reform")
 
     @property
     def is_coordinator(self) -> bool:
         """Rank 0 commits saves, writes the dense state once and applies retention."""
         return self.rank == 0
 
-    def all_gather(self, obj: T) -> list[T]:
-        """Every rank's `obj`, in rank order, on every rank."""
+    def all_gather(self, obj: T, *, site: str) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank. `site` names the caller's purpose (traced)."""
+        self._trace("all_gather", site)
+        return self._all_gather(obj)
+
+    def _all_gather(self, obj: T) -> list[T]:
         if self._group is None:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -64,8 +87,9 @@ class Coordinator:
                                     f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
         return out
 
-    def broadcast(self, obj: T, src: int = 0) -> T:
+    def broadcast(self, obj: T, src: int = 0, *, site: str) -> T:
         """Rank `src`'s `obj` on every rank."""
+        self._trace("broadcast", site)
         if self._group is None:
             return obj
         box = [obj]
@@ -76,11 +100,13 @@ class Coordinator:
                                     f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
         return box[0]
 
-    def sum(self, value: int | float) -> int | float:
-        return sum(self.all_gather(value))
+    def sum(self, value: int | float, *, site: str) -> int | float:
+        self._trace("sum", site)
+        return sum(self._all_gather(value))
 
-    def all_true(self, flag: bool) -> bool:
-        return all(self.all_gather(bool(flag)))
+    def all_true(self, flag: bool, *, site: str) -> bool:
+        self._trace("all_true", site)
+        return all(self._all_gather(bool(flag)))
 
 
 def release_process_group() -> None:

@@ -186,7 +186,8 @@ class ElasticJob:
         """Every rank records the same `RecoveryRecord` per death this rejoin answered, with where the time
         went (see `RecoveryRecord.phases`)."""
         ckpt = self.ckpt
-        done = ckpt.coordinator.all_gather((times["restored"], result.bytes_read, ckpt.tables.nbytes(), dropped_steps, times))
+        done = ckpt.coordinator.all_gather((times["restored"], result.bytes_read, ckpt.tables.nbytes(), dropped_steps, times),
+                                            site="heal.times")
         survivors = [rank for rank in range(len(done)) if rank not in result.replaced]
         last = max((r.generation for r in ckpt.ledger.recoveries), default=0)
         dropped = max(d[3] for d in done)

@@ -89,7 +89,7 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, coordinator: Coordinat
     model.train()
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     if coordinator is not None and coordinator.world_size > 1:
-        gathered = coordinator.all_gather((all_logits, all_labels))
+        gathered = coordinator.all_gather((all_logits, all_labels), site="evaluate.predictions")
         all_logits = torch.cat([g[0] for g in gathered])
         all_labels = torch.cat([g[1] for g in gathered])
     both_classes = bool(all_labels.min() != all_labels.max())
@@ -211,8 +211,8 @@ def train(
         eval=final,
         steps=total_steps,
         steps_executed=executed,
-        samples=int(coordinator.sum(samples)),
-        step_seconds=max(coordinator.all_gather(step_seconds)),
-        wall_seconds=max(coordinator.all_gather(wall_seconds)),
-        recovery_seconds=max(coordinator.all_gather(recovery_seconds)),
+        samples=int(coordinator.sum(samples, site="loop.samples")),
+        step_seconds=max(coordinator.all_gather(step_seconds, site="loop.step_seconds")),
+        wall_seconds=max(coordinator.all_gather(wall_seconds, site="loop.wall_seconds")),
+        recovery_seconds=max(coordinator.all_gather(recovery_seconds, site="loop.recovery_seconds")),
     )

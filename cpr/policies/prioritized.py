@@ -204,7 +204,7 @@ class PrioritizedPolicy(CheckpointPolicy):
             groups = [g for g in self.access_profile(window).groups if g.rows > 0]
         except ValueError:
             groups = []  # this rank's rows saw no access in the window; the others' decide the plan
-        gathered = coordinator.all_gather((groups, ctx.tables.nbytes(), subset_row_bytes(ctx.tables)))
+        gathered = coordinator.all_gather((groups, ctx.tables.nbytes(), subset_row_bytes(ctx.tables)), site="policy.job_access")
         access = AccessProfile([g for rank_groups, _, _ in gathered for g in rank_groups], window)
         row_bytes = {table: n for _, _, per_table in gathered for table, n in per_table.items()}
         return access, sum(n for _, n, _ in gathered), row_bytes
@@ -215,7 +215,7 @@ class PrioritizedPolicy(CheckpointPolicy):
         if coordinator is None or coordinator.world_size == 1:
             return self._meter
         job = _AgeMeter()
-        for meter in coordinator.all_gather(self._meter):
+        for meter in coordinator.all_gather(self._meter, site="policy.job_meter"):
             job.unsaved += meter.unsaved
             job.accesses += meter.accesses
             job.modelled += meter.modelled
