@@ -8,7 +8,8 @@ when code moves without a change of behaviour (a re-cut, a rename).
 `--only NAME` runs a subset. Each run's record holds a sha256 of every tensor of every committed save
 (read back through the store, so every byte is verified) and the deterministic numbers of `summary.json`
 (AUC, log loss, PLS expected and measured, bytes, saves, failures, emulated overhead); wall-clock numbers
-are left out. Not a pytest module: a run of all of them takes several minutes on 2 cores.
+are left out, and the bytes a recovery read (and the emulated load time charged for them) are compared to
+0.1%: each manifest's `created` timestamp is text of varying length. Not a pytest module: a run of all of them takes several minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _tensor_digest(tensor) -> str:
     import torch
 
     h = hashlib.sha256(f"{tensor.dtype}{list(tensor.shape)}".encode())
-    h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()[:24]
 
 
@@ -82,9 +83,14 @@ def _saves(checkpoints: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+# Numbers that vary by a few bytes from run to run (manifests hold their creation time as text), compared to 0.1%.
+NEAR = {"loaded_bytes", "bytes_read", "survivor_bytes_read", "load", "total_hours", "total_fraction"}
+
+
 def _summary(summary: dict) -> dict:
     """The deterministic numbers of a summary: no wall-clock seconds."""
     kept = {key: summary.get(key) for key in SUMMARY_KEYS}
+    kept["policy_settings"] = {k: v for k, v in (summary.get("policy_settings") or {}).items() if k != "planning_seconds"}
     kept["checkpoints"] = [(c["step"], c["kind"], c["bytes"], c.get("data_bytes")) for c in summary["checkpoints"]]
     kept["failures"] = summary["failures"]
     kept["failed_saves"] = [(f["step"], f["kind"]) for f in summary["failed_saves"]]
@@ -118,8 +124,14 @@ def record(path: Path, only: list[str] | None) -> None:
 
 
 def _diff(a, b, where: str, out: list[str]) -> None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{where}[{i}]", out)
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and where.rsplit("/", 1)[-1] in NEAR:
+        if abs(a - b) > 1e-3 * max(abs(a), abs(b)):
+            out.append(f"{where}: {a} != {b}")
+    elif isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted((set(a) | set(b)) - {"planning_seconds"}):  # (wall clock)
             if key not in a or key not in b:
                 out.append(f"{where}/{key}: only in {'after' if key not in a else 'before'}")
             else:
