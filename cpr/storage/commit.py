@@ -2,7 +2,7 @@
 (`SaveRecord`), and the names of a save's folder and parts.
 
 The commit record is written last, by the coordinator, once every part is durable (see store.py); it is
-sealed with a checksum of its content like a part's manifest (see manifest.py) and verified field by
+sealed with a checksum of its content like a part's manifest (see sealing.py) and verified field by
 field when read.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import CorruptCheckpointError
 from .location import Folder
-from .manifest import CHECKSUM_FIELD, SAVE_KINDS, read_text, sealed, strict_json, verify_sealed
+from .manifest import SAVE_KINDS
+from .sealing import CHECKSUM_FIELD, read_text, sealed, strict_json, verify_sealed
 
 COMMIT_FILE = "commit.json"
 COMMIT_VERSION = 2  # 2: the commit record carries a content checksum, like a part's manifest

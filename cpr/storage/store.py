@@ -55,7 +55,8 @@ from .dcp_format import CHUNKS, Chunk, write_metadata
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .location import Folder
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
-from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size, read_text
+from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size
+from .sealing import read_text
 
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
