@@ -180,15 +180,18 @@ class RunLedger:
             recoveries=list(first.recoveries),
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """The record so far, as JSON-ready data (a resumed run continues it)."""
+    def _events(self) -> dict[str, list[dict[str, Any]]]:
+        """The job's events as JSON-ready data, by kind: what a checkpoint keeps and `summary()` reports."""
         return {
             "checkpoints": [asdict(c) for c in self.checkpoints],
             "failures": [asdict(f) for f in self.failures],
             "failed_saves": [asdict(f) for f in self.failed_saves],
             "recoveries": [asdict(r) for r in self.recoveries],
-            "total_updates": self.total_updates,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record so far, as JSON-ready data (a resumed run continues it)."""
+        return {**self._events(), "total_updates": self.total_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.checkpoints = [CheckpointEvent(**c) for c in state["checkpoints"]]
@@ -202,11 +205,10 @@ class RunLedger:
         out = asdict(overhead)
         out["total_hours"] = overhead.total
         out["total_fraction"] = overhead.total / self.job_hours
+        events = self._events()
         return {
-            "failures": [asdict(f) for f in self.failures],
-            "checkpoints": [asdict(c) for c in self.checkpoints],
-            "failed_saves": [asdict(f) for f in self.failed_saves],
-            "recoveries": [asdict(r) for r in self.recoveries],
+            "failures": events.pop("failures"),  # summary.json has always listed the failures first
+            **events,
             "bytes_written": self.bytes_written,
             "bytes_per_hour": self.bytes_written / self.job_hours,
             "lost_updates": self.lost_updates,

@@ -3,6 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
+#include "tracking.h"
+
 namespace cpr {
 
 // A per-table state tensor (`what`[table]) must have this dtype and size, sit on the batch's device, and
@@ -47,6 +51,27 @@ inline void check_counters(const at::Tensor& counts) {
   TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt && counts.is_contiguous(),
               "counts must be a contiguous 1-D int32 tensor, got ", counts.scalar_type(), " of shape ",
               counts.sizes());
+}
+
+// The arguments of one SSU sampling call beside its batch: a rate in [0, 1], a capacity >= 1, and for every
+// table a set of slots (a power of two above the capacity) and its stats, as check_state requires. Returns
+// each set's slot mask (slots - 1).
+inline std::vector<int64_t> check_ssu_sets(at::TensorList slots, at::TensorList stats, at::IntArrayRef table_rows,
+                                           const at::Tensor& values, double rate, int64_t capacity) {
+  TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
+  TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
+  TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
+              " slot sets and ", stats.size(), " stats for ", table_rows.size(), " tables");
+  std::vector<int64_t> masks;
+  for (size_t t = 0; t < slots.size(); ++t) {
+    const int64_t n = slots[t].numel();
+    TORCH_CHECK(n > capacity && (n & (n - 1)) == 0, "slots[", t, "] has ", n,
+                " elements; expected a power of two greater than capacity ", capacity);
+    check_state(slots[t], at::kLong, n, values, "slots", static_cast<int64_t>(t));
+    check_state(stats[t], at::kLong, kNumStats, values, "stats", static_cast<int64_t>(t));
+    masks.push_back(n - 1);
+  }
+  return masks;
 }
 
 inline void check_range(int64_t start, int64_t end, int64_t num_rows) {

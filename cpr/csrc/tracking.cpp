@@ -126,21 +126,11 @@ void sample_accesses_cpu(TensorList slots, TensorList stats, IntArrayRef table_r
                          IntArrayRef key_offsets, IntArrayRef feature_to_table, int64_t seed, int64_t step,
                          double rate, int64_t capacity) {
   const auto features_of_table = check_batch(values, key_offsets, feature_to_table, table_rows);
-  TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
-  TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
-  TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
-              " slot sets and ", stats.size(), " stats for ", table_rows.size(), " tables");
+  const std::vector<int64_t> masks = check_ssu_sets(slots, stats, table_rows, values, rate, capacity);
   std::vector<int64_t*> slot_ptrs, stat_ptrs;
-  std::vector<int64_t> masks;
   for (size_t t = 0; t < slots.size(); ++t) {
-    const int64_t n = slots[t].numel();
-    TORCH_CHECK(n > capacity && (n & (n - 1)) == 0, "slots[", t, "] has ", n,
-                " elements; expected a power of two greater than capacity ", capacity);
-    check_state(slots[t], at::kLong, n, values, "slots", static_cast<int64_t>(t));
-    check_state(stats[t], at::kLong, kNumStats, values, "stats", static_cast<int64_t>(t));
     slot_ptrs.push_back(slots[t].data_ptr<int64_t>());
     stat_ptrs.push_back(stats[t].data_ptr<int64_t>());
-    masks.push_back(n - 1);
   }
   const uint64_t key = step_key(seed, step);
   const uint64_t threshold = sample_threshold(rate);

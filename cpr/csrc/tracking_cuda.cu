@@ -193,19 +193,7 @@ void sample_accesses_cuda(TensorList slots, TensorList stats, IntArrayRef table_
                           double rate, int64_t capacity) {
   const c10::cuda::CUDAGuard guard(values.device());
   const DeviceBatch batch = check_batch(values, key_offsets, feature_to_table, table_rows);
-  TORCH_CHECK(0.0 <= rate && rate <= 1.0, "rate must be in [0, 1], got ", rate);
-  TORCH_CHECK(capacity >= 1, "capacity must be >= 1, got ", capacity);
-  TORCH_CHECK(slots.size() == table_rows.size() && stats.size() == table_rows.size(), "got ", slots.size(),
-              " slot sets and ", stats.size(), " stats for ", table_rows.size(), " tables");
-  std::vector<int64_t> masks;
-  for (size_t t = 0; t < slots.size(); ++t) {
-    const int64_t n = slots[t].numel();
-    TORCH_CHECK(n > capacity && (n & (n - 1)) == 0, "slots[", t, "] has ", n,
-                " elements; expected a power of two greater than capacity ", capacity);
-    check_state(slots[t], at::kLong, n, values, "slots", static_cast<int64_t>(t));
-    check_state(stats[t], at::kLong, kNumStats, values, "stats", static_cast<int64_t>(t));
-    masks.push_back(n - 1);
-  }
+  const std::vector<int64_t> masks = check_ssu_sets(slots, stats, table_rows, values, rate, capacity);
   const int64_t n = values.numel();
   if (n == 0) return;
   const Tensor slot_ptrs = device_pointers<int64_t>(slots, values);

@@ -16,7 +16,8 @@ when every part is durable does the coordinator write `.metadata` and `commit.js
 the crc32 of its manifest), fsync them and the staging folder (every part's entry in it), rename the staging
 folder into place and fsync `DIR`, as DCP writes its metadata last: a save either is complete under its
 final name or does not exist. Deletion renames to `DIR/.trash-...` before removing, for the same reason.
-`DIR` may also be an fsspec URL (see location.py).
+`DIR` may also be an fsspec URL (see location.py). The commit record and the save and part names are
+in commit.py, the checks of what a writer puts in a part in checks.py.
 
 One job per directory: the coordinator's store holds the directory's lock (see lock.py), and only
 temporary folders of this job or of a dead one are removed.
@@ -26,60 +27,44 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import re
 import time
 import uuid
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import location, tensor_io
+from .checks import _check_layout, _check_rows
+from .commit import (  # noqa: F401  (COMMIT_VERSION, DENSE_PART, domain_part: re-exported, as before)
+    _SAVE_NAME,
+    COMMIT_FILE,
+    COMMIT_VERSION,
+    DENSE_PART,
+    PartRecord,
+    SaveInfo,
+    SaveRecord,
+    domain_part,
+    save_folder_name,
+)
 from .dcp_format import CHUNKS, Chunk, write_metadata
 from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .location import Folder
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
-from .manifest import (
-    CHECKSUM_FIELD,
-    MANIFEST_FILE,
-    SAVE_KINDS,
-    Manifest,
-    TableMeta,
-    file_size,
-    read_text,
-    sealed,
-    strict_json,
-    verify_sealed,
-)
+from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size
+from .sealing import read_text
 
-_SAVE_NAME = re.compile(r"^save-(\d{10})-(full|subset)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-COMMIT_FILE = "commit.json"
-COMMIT_VERSION = 2  # 2: the commit record carries a content checksum, like a part's manifest
-DENSE_PART = "dense"
 TENSOR_FILE = "tensors.bin"
-
-
-def domain_part(domain: int) -> str:
-    """The part name of failure domain `domain`'s rows."""
-    return f"domain-{domain:05d}"
 
 
 class SkippedSaveWarning(UserWarning):
     """A save was passed over because it is corrupt; an older one is used instead."""
-
-
-@dataclass(frozen=True)
-class PartRecord:
-    """One part of a save as its commit record names it: the crc32 of its manifest, and its tensor bytes."""
-
-    checksum: int
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -108,77 +93,6 @@ class PartContent:
     chunks: Mapping[str, Chunk] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class SaveInfo:
-    """A committed save, as read from its `commit.json`."""
-
-    step: int
-    kind: str
-    policy: str
-    world_size: int
-    domain_mode: str
-    num_domains: int
-    parts: dict[str, PartRecord]
-    extra: dict[str, Any]
-    created: float
-    format_version: int = COMMIT_VERSION
-    folder: Folder | None = field(default=None, compare=False)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(part.nbytes for part in self.parts.values())
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        del data["folder"]
-        # Sealed like a manifest: a damaged field that still parses (the reader state, a part's crc32) is caught.
-        return json.dumps(sealed(data, f"commit record of step {self.step}"), indent=1, sort_keys=True)
-
-    @classmethod
-    def read(cls, folder: Folder) -> SaveInfo:
-        """Parse and verify `folder/commit.json`; any defect raises CorruptCheckpointError naming the field."""
-        data = verify_sealed(strict_json(read_text(folder, COMMIT_FILE), folder, COMMIT_FILE), COMMIT_VERSION,
-                             folder, COMMIT_FILE)
-        try:
-            if data["kind"] not in SAVE_KINDS:
-                raise ValueError(f"kind {data['kind']!r} is not one of {SAVE_KINDS}")
-            ints = {key: data[key] for key in ("step", "world_size", "num_domains")}
-            for key, value in ints.items():
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"{key} must be a non-negative int, got {value!r}")
-            parts = {}
-            for name, part in data["parts"].items():
-                if not re.fullmatch(r"domain-\d{5}|dense", name):
-                    raise ValueError(f"part name {name!r}")
-                if not all(isinstance(part[k], int) and not isinstance(part[k], bool) and part[k] >= 0
-                           for k in ("checksum", "nbytes")) or set(part) != {"checksum", "nbytes"}:
-                    raise ValueError(f"part {name!r} record {part!r}")
-                parts[name] = PartRecord(part["checksum"], part["nbytes"])
-            if not isinstance(data["extra"], dict) or not isinstance(data["policy"], str) \
-                    or data["domain_mode"] not in ("virtual", "ranks"):
-                raise ValueError("extra, policy or domain_mode has the wrong type")
-            if type(data["created"]) not in (int, float):
-                raise ValueError(f"created must be a number, got {data['created']!r}")
-            if set(data) != {f.name for f in fields(cls) if f.name != "folder"} | {CHECKSUM_FIELD}:
-                raise ValueError(f"fields {sorted(data)}")
-            return cls(step=ints["step"], kind=data["kind"], policy=data["policy"], world_size=ints["world_size"],
-                       domain_mode=data["domain_mode"], num_domains=ints["num_domains"], parts=parts,
-                       extra=data["extra"], created=float(data["created"]), folder=folder)
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
-            raise CorruptCheckpointError(folder, COMMIT_FILE, f"malformed field: {e!r}") from e
-
-
-@dataclass(frozen=True)
-class SaveRecord:
-    """What one committed save wrote and how long the commit took."""
-
-    path: Folder
-    step: int
-    kind: str
-    nbytes: int
-    seconds: float
-
-
 @dataclass
 class LoadedPart:
     """One part's manifest with the tensors loaded (and verified) from it; `bytes_read` counts the files."""
@@ -195,69 +109,6 @@ def _remove_retired(trash: Folder) -> None:
         pass  # removed already (its folder was deleted meanwhile)
     except OSError as e:  # the next run of this folder removes it (see `_remove_stale`)
         warnings.warn(f"could not remove the retired save {trash}: {e}", stacklevel=1)
-
-
-def save_folder_name(step: int, kind: str) -> str:
-    return f"save-{step:010d}-{kind}"
-
-
-def _check_layout(kind: str, tensors: Mapping[str, torch.Tensor], tables: Mapping[str, TableMeta]) -> None:
-    """Reject tensors that break the `emb/<table>/...` convention that row composition relies on."""
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-    for table in tables:
-        if "/" in table:
-            raise ValueError(f"table name {table!r} must not contain '/'")
-    by_table: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        parts = name.split("/", 2)
-        if parts[0] == "emb":
-            if len(parts) < 3:
-                raise ValueError(f"tensor {name!r}: embedding tensors are named emb/<table>/<what>")
-            by_table.setdefault(parts[1], {})[parts[2]] = tensor
-    check = _check_full_table if kind == "full" else _check_subset_table
-    for table, parts in by_table.items():
-        check(table, parts, tables.get(table))
-
-
-def _check_full_table(table: str, parts: Mapping[str, torch.Tensor], meta: TableMeta | None) -> None:
-    """Every tensor of a table in a full save has one entry per row; the weight is rows x dim."""
-    if meta and "weight" in parts and tuple(parts["weight"].shape) != (meta.rows, meta.dim):
-        raise ValueError(f"full save: emb/{table}/weight has shape {list(parts['weight'].shape)}, "
-                         f"table {table!r} is {meta.rows}x{meta.dim}")
-    rows = meta.rows if meta else parts["weight"].shape[0] if "weight" in parts else None
-    for what, tensor in parts.items():
-        if tensor.dim() == 0 or (rows is not None and tensor.shape[0] != rows):
-            raise ValueError(f"full save: emb/{table}/{what} has shape {list(tensor.shape)}, expected {rows} rows")
-
-
-def _check_subset_table(table: str, parts: Mapping[str, torch.Tensor], meta: TableMeta | None) -> None:
-    """A table in a subset save has distinct in-range int64 `ids` and one entry per id in every tensor."""
-    ids = parts.get("ids")
-    if ids is None:
-        raise ValueError(f"subset save: emb/{table}/ids is required alongside {sorted(parts)}")
-    if ids.dtype != torch.int64 or ids.dim() != 1:
-        raise ValueError(f"subset save: emb/{table}/ids must be a 1-d int64 tensor, got {ids.dtype}{list(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or (meta and int(ids.max()) >= meta.rows)):
-        raise ValueError(f"subset save: emb/{table}/ids out of range [0, {meta.rows if meta else '...'})")
-    # Ascending ids (CPR's own) are distinct at the cost of one comparison; others are made unique to tell.
-    ascending = ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
-    if not ascending and torch.unique(ids).numel() != ids.numel():
-        raise ValueError(f"subset save: emb/{table}/ids has duplicate rows")
-    for what, tensor in parts.items():
-        if tensor.dim() == 0 or tensor.shape[0] != ids.numel():
-            raise ValueError(f"subset save: emb/{table}/{what} has shape {list(tensor.shape)}, "
-                             f"expected {ids.numel()} rows like emb/{table}/ids")
-
-
-def _check_rows(rows: Mapping[str, tuple[int, int]], tables: Mapping[str, TableMeta]) -> None:
-    """A part's global row range of each table spans exactly the table's rows in the part."""
-    for table, (start, end) in rows.items():
-        expected = tables[table].rows if table in tables else end - start
-        # An empty range is allowed: a domain may hold no rows of a small table.
-        if not 0 <= start <= end or end - start != expected:
-            raise ValueError(f"rows [{start}, {end}) of table {table!r} do not span its {expected} rows in the part")
 
 
 class CheckpointStore:
