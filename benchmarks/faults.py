@@ -174,7 +174,7 @@ def checkpointer_try(policy: str, damage: str) -> Callable[[Path], Outcome]:
     rows must come back as the previous full save holds them, with a warning naming the damaged save."""
     def attempt(tmp: Path) -> Outcome:
         ebc, optimizer = plain_ebc(ROWS, dim=4)
-        ckpt = CPRCheckpointer(ebc, optimizer, tmp / "ckpt", policy=policy, num_shards=2, total_steps=100,
+        ckpt = CPRCheckpointer(ebc, optimizer, tmp / "ckpt", policy=policy, num_domains=2, total_steps=100,
                                interval_steps=3)
         gen = torch.Generator().manual_seed(7)
         for _ in range(3):  # the initial save at step 0, and the policy's save at step 3

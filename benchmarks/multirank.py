@@ -53,7 +53,7 @@ def worker(rank: int, world_size: int, folder: str, rows: int, steps: int, recov
     model = wrap_dmp(build_model(MODEL_CONFIGS["small"], sizes), torch.device("cpu"), sharding="row_wise")
     optimizer = build_optimizer(model, 0.01)
     ckpt = CPRCheckpointer(model, optimizer, out / "ckpt", policy="partial", total_steps=steps + 1, reader=reader,
-                           interval_steps=1, num_shards=domains if world_size == 1 else None, keep_last=2)
+                           interval_steps=1, num_domains=domains if world_size == 1 else None, keep_last=2)
     train(model, optimizer, ckpt, reader, steps, lr_decay="none", log_every=10_000)
     recovery_seconds = []
     for _ in range(recoveries):

@@ -33,10 +33,11 @@ from typing import Any
 
 from cpr.planning import AccessProfile, ClusterProfile, plan_for_budget
 from cpr.policies.prioritized import CALIBRATION_FRACTION, subset_row_bytes
-from cpr.shards import ShardLayout
+from cpr.domains import DomainLayout
 from cpr.tables import EmbeddingTables
 from cpr.tracking import AccessTracker
-from cpr.train import parse_args, quiet_dependencies, run
+from cpr.options import parse_args
+from cpr.train import quiet_dependencies, run
 from dlrm.data import open_dataset
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import KAGGLE_CARDINALITIES, SPARSE_NAMES, table_rows
@@ -49,7 +50,7 @@ KNOB_FLAG = {"mfu": ("--save-fraction", "fraction"), "scar": ("--save-fraction",
              "ssu": ("--sample-rate", "sample_rate")}
 
 
-def calibration_access(flags: list[str], steps: int, num_shards: int) -> tuple[AccessProfile, dict[str, int]]:
+def calibration_access(flags: list[str], steps: int, num_domains: int) -> tuple[AccessProfile, dict[str, int]]:
     """Per-row accesses of the run's first calibration batches (no training), and the bytes per subset
     row, from the same data and model tables `cpr.train.run` builds for `flags`."""
     args = parse_args(flags)
@@ -70,7 +71,7 @@ def calibration_access(flags: list[str], steps: int, num_shards: int) -> tuple[A
             seen += 1
             if seen == window:
                 break
-    layout = ShardLayout.virtual(tables.tables, num_shards)
+    layout = DomainLayout.virtual(tables.tables, num_domains)
     counts = {t: tracker.counts(t) for t in tables.tables}
     return AccessProfile.from_counts(counts, layout.ranges, window), subset_row_bytes(tables)
 
@@ -100,7 +101,7 @@ def compare(name: str, data_flags: list[str], batch_size: int, opts: argparse.Na
     partial = run(parse_args([*failing, "--policy", "partial", "--out", str(work / name / "partial")]))
     out: dict[str, Any] = {"none": {"auc": reference["auc"], "logloss": reference["logloss"]},
                            "partial": result(partial, reference["auc"])}
-    profile = dataclasses.replace(ClusterProfile.preset("production"), num_shards=opts.num_shards)
+    profile = dataclasses.replace(ClusterProfile.preset("production"), num_domains=opts.num_shards)
     steps = partial["steps"]
     hours_per_step = profile.job_hours / steps
     full_bytes = partial["checkpoints"][0]["bytes"]  # the initial full save

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from cpr import CPRCheckpointer
-from cpr.train import parse_args, quiet_dependencies, run
+from cpr.options import parse_args
+from cpr.train import quiet_dependencies, run
 from dlrm.data import open_dataset
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import table_rows
@@ -156,12 +157,12 @@ def dcp_numbers(model, optimizer, folder: Path, repeats: int) -> dict:
 
 
 def cpr_full_saves(model, optimizer, folder: Path, repeats: int, async_save: bool,
-                   quantize: str = "none", num_shards: int | None = None) -> tuple[int, float]:
+                   quantize: str = "none", num_domains: int | None = None) -> tuple[int, float]:
     """(bytes, median seconds) of `repeats` full saves after the initial one, snapshot to commit: policy
-    `full` saving at every step, each step waiting for its save to commit; `num_shards` emulated domains (the
+    `full` saving at every step, each step waiting for its save to commit; `num_domains` emulated domains (the
     profile's 16 by default)."""
     ckpt = CPRCheckpointer(model, optimizer, folder / "speed", policy="full", total_steps=10**6, interval_steps=1,
-                           keep_last=1, async_save=async_save, quantize=quantize, num_shards=num_shards)
+                           keep_last=1, async_save=async_save, quantize=quantize, num_domains=num_domains)
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -357,7 +358,7 @@ def storage_numbers(args: argparse.Namespace, folder: Path) -> dict:
     async_bytes, async_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=True)
     # One domain per process, as each rank of a multi-rank job holds: a DCP chunk per table and state, as
     # dcp.save writes, instead of one per table, state and emulated domain.
-    one_bytes, one_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False, num_shards=1)
+    one_bytes, one_seconds = cpr_full_saves(model, optimizer, folder, args.repeats, async_save=False, num_domains=1)
 
     out = {"rows_cap": args.rows, "table_rows": sum(rows), "bytes": raw_bytes,
            "bytes_per_save": {"raw": raw_bytes, "diff": diff.bytes},

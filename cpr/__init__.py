@@ -1,7 +1,9 @@
 """CPR: checkpointing with partial recovery for DLRM training."""
 __version__ = "0.1.0"  # read by pyproject.toml (static: the build does not import the package)
 
-from cpr.checkpointer import CPRCheckpointer, RecoveryError, RecoveryResult
+from cpr.checkpointer import CPRCheckpointer
+from cpr.errors import CPRError, RecoveryError
 from cpr.planning import ClusterProfile, plan
+from cpr.recovery import RecoveryResult
 
-__all__ = ["__version__", "CPRCheckpointer", "ClusterProfile", "RecoveryError", "RecoveryResult", "plan"]
+__all__ = ["__version__", "CPRCheckpointer", "CPRError", "ClusterProfile", "RecoveryError", "RecoveryResult", "plan"]

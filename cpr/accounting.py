@@ -38,13 +38,26 @@ class CheckpointEvent:
 
 @dataclass(frozen=True)
 class FailureEvent:
+    """Domain `domain` failed after `step` steps and was recovered (`recovery`) from saves of `restored_step`
+    (the oldest, for partial recovery), losing `lost_updates` row-updates and `lost_steps` trained steps."""
+
     step: int
-    shard: int
+    domain: int
     recovery: str
     restored_step: int
     lost_updates: int
     lost_steps: int
     loaded_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """As summary.json and a save's ledger keep it: the domain under its command-line name, `shard`."""
+        data = asdict(self)
+        return {"step": data.pop("step"), "shard": data.pop("domain"), **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FailureEvent:
+        data = dict(data)
+        return cls(domain=data.pop("shard"), **data)
 
 
 @dataclass(frozen=True)
@@ -184,7 +197,7 @@ class RunLedger:
         """The job's events as JSON-ready data, by kind: what a checkpoint keeps and `summary()` reports."""
         return {
             "checkpoints": [asdict(c) for c in self.checkpoints],
-            "failures": [asdict(f) for f in self.failures],
+            "failures": [f.to_json() for f in self.failures],
             "failed_saves": [asdict(f) for f in self.failed_saves],
             "recoveries": [asdict(r) for r in self.recoveries],
         }
@@ -195,7 +208,7 @@ class RunLedger:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.checkpoints = [CheckpointEvent(**c) for c in state["checkpoints"]]
-        self.failures = [FailureEvent(**f) for f in state["failures"]]
+        self.failures = [FailureEvent.from_json(f) for f in state["failures"]]
         self.failed_saves = [FailedSave(**f) for f in state["failed_saves"]]
         self.recoveries = [RecoveryRecord(**r) for r in state.get("recoveries", [])]
         self.total_updates = int(state["total_updates"])

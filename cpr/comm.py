@@ -11,11 +11,14 @@ from __future__ import annotations
 import gc
 import json
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import torch.distributed as dist
+
+from cpr.errors import CoordinationError
 
 T = TypeVar("T")
 
@@ -26,8 +29,30 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300"))
 TRACE_ENV = "CPR_TRACE_COLLECTIVES"
 
 
-class CoordinationError(RuntimeError):
-    """A collective among the ranks failed or timed out (a rank died, hangs, or disagrees)."""
+@dataclass(frozen=True)
+class RankProblem:
+    """An error one rank met in an `agree`d step: its message, and the names of its exception's classes."""
+
+    rank: int
+    message: str
+    kinds: tuple[str, ...]
+
+    def is_a(self, *types: type[BaseException]) -> bool:
+        return any(t.__name__ in self.kinds for t in types)
+
+
+@dataclass(frozen=True)
+class Agreement(Generic[T]):
+    """What an `agree`d step gave: this rank's value (`local`, None after a problem), every rank's value when
+    they were shared (`values`, in rank order), and the problems ranks met."""
+
+    local: T | None
+    values: list[T | None]
+    problems: list[RankProblem]
+
+    def first(self, *types: type[BaseException]) -> RankProblem | None:
+        """The lowest rank's problem (of one of `types`, if given), or None."""
+        return next((p for p in self.problems if not types or p.is_a(*types)), None)
 
 
 class Coordinator:
@@ -99,6 +124,20 @@ class Coordinator:
             raise CoordinationError(f"rank {self.rank}: broadcast among {self.world_size} ranks failed "
                                     f"(a rank died or did not answer within {self.timeout_s:.0f} s): {err}") from err
         return box[0]
+
+    def agree(self, fn: Callable[[], T], *, expected: tuple[type[BaseException], ...], site: str,
+              share: bool = True) -> Agreement[T]:
+        """Run `fn` on every rank and tell every rank what each one got: the `expected` error it raised, if any
+        (any other error propagates, on that rank, before the collective), and with `share` its value. One
+        rank's problem is thus known to all, which then act alike (raise, fall back), as DCP's `_DistWrapper`
+        does. Without `share` only the problems travel (the value stays here: a loaded save, say)."""
+        try:
+            value, problem = fn(), None
+        except expected as err:
+            value, problem = None, (str(err), tuple(c.__name__ for c in type(err).__mro__))
+        gathered = self.all_gather((value if share else None, problem), site=site)
+        return Agreement(value, [v for v, _ in gathered] if share else [],
+                         [RankProblem(rank, *p) for rank, (_, p) in enumerate(gathered) if p is not None])
 
     def sum(self, value: int | float, *, site: str) -> int | float:
         self._trace("sum", site)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from cpr.checkpointer import CPRCheckpointer
 from cpr.comm import Coordinator
-from cpr.elastic import ElasticJob
+from cpr.elastic.job import ElasticJob, StepOutcome
 from cpr.faults import FailureSchedule
-from dlrm.data.loader import BatchLoader
 
 LR_DECAYS = ("linear", "none")
 
@@ -77,9 +76,10 @@ class LoopResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, coordinator: Coordinator | None = None) -> dict[str, float | None]:
-    """AUC and log loss over the whole evaluation set (every rank's batches gathered). AUC is None when the
-    set holds one class only: it is undefined, not 0."""
+def evaluate(model: torch.nn.Module, loader: Iterable, coordinator: Coordinator | None = None) -> dict[str, float | None]:
+    """AUC and log loss over the whole evaluation set, any iterable of TorchRec `Batch`es for a model that
+    returns `(loss, (_, logits, labels))` as TorchRec's `DLRMTrain` does (every rank's batches gathered). AUC
+    is None when the set holds one class only: it is undefined, not 0."""
     model.eval()
     logits, labels = [], []
     for batch in loader:
@@ -99,7 +99,7 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, coordinator: Coordinat
     }
 
 
-def _endless(loader: BatchLoader) -> Iterator:
+def _endless(loader: Iterable) -> Iterator:
     """Batches from the loader's current position on, epoch after epoch."""
     while True:
         yield from loader
@@ -111,14 +111,20 @@ def _announce(message: str, coordinator: Coordinator) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _unguarded_step() -> Iterator[StepOutcome]:
+    """A step outside a supervised job: nothing heals it."""
+    yield StepOutcome()
+
+
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ckpt: CPRCheckpointer,
-    train_loader: BatchLoader,
+    train_loader: Iterable,
     total_steps: int,
     schedule: FailureSchedule | None = None,
-    eval_loader: BatchLoader | None = None,
+    eval_loader: Iterable | None = None,
     lr_decay: str = "linear",
     log_every: int = 50,
     eval_every: int = 0,
@@ -128,7 +134,8 @@ def train(
 ) -> LoopResult:
     """Train `model` from `ckpt.global_step` to `total_steps`, injecting the schedule's failures.
 
-    `train_loader` must be the reader `ckpt` rewinds on full recovery. With `elastic` (a supervised job,
+    `train_loader` is any re-iterable source of TorchRec `Batch`es (iterated again from where it stands after
+    each pass, and after a full recovery), and must be the reader `ckpt` rewinds on full recovery. With `elastic` (a supervised job,
     whose `model`, `optimizer` and `ckpt` these are) a rank's real death drops the step in flight and heals
     the job: training goes on with the rebuilt model from the step the recovery chose. With `lr_decay="linear"` the
     optimizer's learning rates fall linearly to 0 over the run, as a function of the model's step, so full
@@ -147,13 +154,12 @@ def train(
                unit="step", dynamic_ncols=True)
     loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
     step_seconds = recovery_seconds = 0.0
-    guarded_step = elastic.training_step if elastic is not None else contextlib.nullcontext
+    guarded_step = elastic.training_step if elastic is not None else _unguarded_step
     started = time.perf_counter()
     while ckpt.global_step < total_steps:
         batch = next(batches)
         step_start = time.perf_counter()
-        heals, recorded = (elastic.heals, len(ckpt.ledger.recoveries)) if elastic is not None else (0, 0)
-        with guarded_step():
+        with guarded_step() as outcome:
             if lr_decay == "linear":
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * (1.0 - ckpt.global_step / total_steps)
@@ -164,10 +170,10 @@ def train(
             optimizer.step()
             step_seconds += time.perf_counter() - step_start
             ckpt.step()
-        if elastic is not None and elastic.heals != heals:
+        if outcome.healed:
             recovery_seconds += time.perf_counter() - step_start
             model, optimizer = elastic.model, elastic.optimizer
-            for event in ckpt.ledger.recoveries[recorded:]:
+            for event in outcome.recoveries:
                 metrics.write({"step": event.step, "event": "rank died", "rank": event.rank, "recovery": event.kind,
                                "resumed_at": event.resumed_at})
             batches = _endless(train_loader)  # the reader is where the recovery put it
@@ -182,12 +188,12 @@ def train(
         while pending and pending[0].step <= step:
             failure = pending.pop(0)
             recovery_start = time.perf_counter()
-            result = ckpt.recover([failure.shard])
+            result = ckpt.recover([failure.domain])
             recovery_seconds += time.perf_counter() - recovery_start
-            event = {"step": step, "event": "failure", "shard": failure.shard, "recovery": result.kind,
+            event = {"step": step, "event": "failure", "shard": failure.domain, "recovery": result.kind,
                      "resumed_at": result.step}
             metrics.write(event)
-            _announce(f"step {step}: shard {failure.shard} failed; {result.kind} recovery, training resumes at step "
+            _announce(f"step {step}: shard {failure.domain} failed; {result.kind} recovery, training resumes at step "
                       f"{result.step}", coordinator)
             if result.kind == "full":
                 batches = _endless(train_loader)  # the reader was rewound with the model

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from cpr.errors import UnsupportedShardingError
+
 _WEIGHT_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
 
 
@@ -34,10 +36,6 @@ class TableInfo:
     local_rows: int
     features: tuple[str, ...]
     state_key: str
-
-
-class UnsupportedShardingError(ValueError):
-    """A sharding plan CPR cannot checkpoint row by row (column-wise shards)."""
 
 
 def _local_tensor(value: torch.Tensor, table: str = "") -> tuple[torch.Tensor, int] | None:
@@ -135,23 +133,10 @@ class EmbeddingTables:
             }
         return out
 
-    def move_to(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Copy every local row and its row-wise optimizer state into the same tables of `model` (the model
-        rebuilt with the same sharding plan, e.g. around a re-formed process group), then view those.
-
-        An in-memory copy: a rank that survived a peer's failure keeps its rows without reading a save.
-        """
-        moved = EmbeddingTables(model, optimizer)
-        if moved.tables != self.tables:
-            raise ValueError("the rebuilt model holds other tables or rows than this one: it was not sharded "
-                             "with the same plan")
-        with torch.no_grad():
-            for name in self.tables:
-                moved.weight(name).copy_(self.weight(name))
-                targets = moved.row_states(name)
-                for state, value in self.row_states(name).items():
-                    targets[state].copy_(value)
-        self.__dict__.update(moved.__dict__)  # everyone holding this object now sees the rebuilt model's tables
+    def view(self, other: EmbeddingTables) -> None:
+        """View `other`'s tables from now on (the same tables of a rebuilt model, see `TrainingState.move_to`):
+        everyone holding this object then sees them."""
+        self.__dict__.update(other.__dict__)
 
     @property
     def fused(self) -> bool:
@@ -196,7 +181,7 @@ class EmbeddingTables:
 
     def nbytes(self, rows: Mapping[str, tuple[int, int]] | None = None) -> int:
         """Bytes of local rows and their row-wise optimizer state: all of them, or the local row ranges
-        [start, end) that `rows` gives per table (a domain's, `ShardLayout.held`)."""
+        [start, end) that `rows` gives per table (a domain's, `DomainLayout.held`)."""
         total = 0
         for name in self.tables if rows is None else rows:
             start, end = (0, None) if rows is None else rows[name]

@@ -1,48 +1,38 @@
-"""`python -m cpr.train`: train a TorchRec DLRM on Criteo-format data with CPR checkpointing.
-
-The default data is the built-in synthetic Criteo-shaped set; `--data` takes real Criteo TSV files
-(Kaggle or 1TB layout) or TorchRec's preprocessed .npy files. With a checkpointing policy, failures are
-injected from the cluster profile (or `--failures N`) and recovered as the policy prescribes; the run
-ends with AUC, log loss, throughput and the failure accounting, printed and written to `--out`.
-"""
+"""`python -m cpr.train`: train a TorchRec DLRM on Criteo-format data with CPR checkpointing (the options
+and their checks are in `cpr.options`), print the summary and write it to `--out`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from cpr.checkpointer import QUANTIZE_CHOICES, CPRCheckpointer, EarlierRunError, RecoveryError
-from cpr.comm import CoordinationError, release_process_group
-from cpr.elastic import ElasticJob
+from cpr.checkpointer import CPRCheckpointer
+from cpr.comm import release_process_group
+from cpr.elastic.job import ElasticJob, JobHooks
+from cpr.elastic.keys import STORE_ENV
+from cpr.elastic.launch import supervise
+from cpr.elastic.membership import Membership
+from cpr.errors import CPRError, UnsupportedShardingError, UsageError
 from cpr.faults import FailureSchedule
-from cpr.loop import LR_DECAYS, MetricsLog, train
-from cpr.membership import STORE_ENV, Membership, MembershipError
-from cpr.planning import ClusterProfile
-from cpr.policies import POLICY_NAMES
-from cpr.run import supervise, supervisor_options
-from cpr.storage import CheckpointMismatchError, CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
-from cpr.shards import MAX_VIRTUAL_SHARDS
-from cpr.tables import UnsupportedShardingError
+from cpr.loop import MetricsLog, train
+from cpr.options import parse_args, profile_of, parse_kills, policy_options, validate
+from cpr.storage import CheckpointStore
 from dlrm.data import open_dataset
 from dlrm.data.errors import CriteoDataError
 from dlrm.data.loader import BatchLoader
 from dlrm.data.schema import table_rows
 from dlrm.model import (
     COLLECTIVE_TIMEOUT,
-    EMBEDDING_OPTIMIZERS,
     MODEL_CONFIGS,
-    SHARDING_TYPES,
     build_model,
     build_optimizer,
     default_device,
@@ -50,187 +40,16 @@ from dlrm.model import (
     wrap_dmp,
 )
 
-
-class UsageError(ValueError):
-    """An invalid option, reported before any training starts."""
-
-
-_FLOAT_OPTIONS = ("epochs", "lr", "embedding_lr", "eval_fraction", "zipf_alpha", "target_pls", "mtbf_hours", "job_hours",
-                  "save_fraction", "sample_rate")
+# Makes the store a checkpointer saves through, from (directory, keep_last, lock): `CheckpointStore` by default.
+StoreFactory = Callable[..., CheckpointStore]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cpr.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--data", nargs="+", metavar="PATH", help="Criteo files or folders (default: the built-in synthetic set)")
-    data.add_argument("--data-format", choices=("auto", "kaggle", "terabyte", "npy"), default="auto")
-    data.add_argument("--rows", type=int, default=100_000, help="cap on rows per embedding table (ids are hashed modulo it)")
-    data.add_argument("--eval-fraction", type=float, default=0.1, help="last fraction of the rows held out for evaluation")
-    data.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of stopping")
-    data.add_argument("--synthetic-rows", type=int, default=400_000, help="size of the built-in synthetic set")
-    data.add_argument("--zipf-alpha", type=float, default=1.05, help="skew of the synthetic ids")
-    train = p.add_argument_group("training")
-    train.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="kaggle")
-    train.add_argument("--batch-size", type=int, default=128, help="mini-batch size (128 as the DLRM reference for Kaggle)")
-    length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="training steps (default: --epochs worth)")
-    length.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--lr", type=float, default=0.001, help="learning rate of the dense layers (Adagrad)")
-    train.add_argument("--embedding-lr", type=float, default=0.01, help="learning rate of the fused embedding optimizer")
-    train.add_argument("--lr-decay", choices=LR_DECAYS, default="linear",
-                       help="linear: both learning rates fall linearly to 0 over the run (keeps small data sets from overfitting)")
-    train.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZERS), default="rowwise_adagrad")
-    train.add_argument("--sharding", choices=SHARDING_TYPES, default="table_wise",
-                       help="how tables are placed on the ranks of a multi-rank job (torchrun)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well as at the end")
-    train.add_argument("--log-every", type=int, default=50, help="write the train loss to metrics.jsonl every N steps")
-    train.add_argument("--out", default="runs/latest", help="output folder (config.json, metrics.jsonl, summary.json)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cpr = p.add_argument_group("checkpointing and failures")
-    cpr.add_argument("--policy", choices=POLICY_NAMES, default="none")
-    cpr.add_argument("--num-shards", type=int,
-                     help="one-process runs: emulated embedding shards, the failure domains (default: the profile's); "
-                          "under torchrun the ranks are the domains")
-    cpr.add_argument("--target-pls", type=float, default=0.02, help="portion of lost samples partial recovery may cost")
-    cpr.add_argument("--profile", default="production", help="cluster profile preset")
-    cpr.add_argument("--mtbf-hours", type=float, help="override the profile's per-node MTBF (hours)")
-    cpr.add_argument("--job-hours", type=float, help="override the emulated job length (hours)")
-    cpr.add_argument("--failures", type=int, help="inject exactly N failures (default: drawn from the profile)")
-    cpr.add_argument("--interval-steps", type=int, help="override the planned (full) save interval (steps)")
-    cpr.add_argument("--subset-interval-steps", type=int, help="mfu/ssu/scar: override the planned subset-save interval (steps)")
-    cpr.add_argument("--save-fraction", type=float, help="mfu/scar: override the planned fraction r of each shard's rows per subset save")
-    cpr.add_argument("--sample-rate", type=float, help="ssu: override the planned probability of sampling an access")
-    cpr.add_argument("--keep-last", type=int, default=3, help="full checkpoints kept on disk")
-    cpr.add_argument("--overwrite", action="store_true",
-                     help="start over in a checkpoint folder that holds an earlier run's saves, deleting them")
-    cpr.add_argument("--sync-save", action="store_true",
-                     help="write each save inside the training step (default: in the background while training goes on)")
-    cpr.add_argument("--checkpoint-dir", help="where saves go (default: OUT/checkpoints)")
-    cpr.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                     help="how saves store embedding rows: raw (none), row-wise int8 or int4 with a scale and bias per "
-                          "row, or auto (4 bits when the job expects few restores, else 8)")
-    cpr.add_argument("--differential", action="store_true",
-                     help="partial-recovery policies: write each periodic full save as the rows changed since their last "
-                          "save (a real full save when a restore would read more than about 2x a full save)")
-    cpr.add_argument("--resume", action="store_true",
-                     help="after a crash: continue from the newest loadable full save in the checkpoint folder")
-    supervisor_options(p)
-    kills = p.add_argument_group("real failures (with --nproc)")
-    kills.add_argument("--kill-at", action="append", default=[], metavar="STEP:RANK",
-                       help="SIGKILL rank RANK's process as it starts step STEP (repeatable); the supervisor starts "
-                            "a replacement and the policy recovers it")
-    kills.add_argument("--real-failures", action="store_true",
-                       help="kill ranks at the steps of the cluster profile's failure schedule (--failures N: that many) "
-                            "instead of emulating those failures")
-    return p.parse_args(argv)
-
-
-def parse_kills(specs: Sequence[str]) -> list[tuple[int, int]]:
-    """`--kill-at STEP:RANK` values as (step, rank)."""
-    kills = []
-    for spec in specs:
-        step, sep, rank = spec.partition(":")
-        if not sep or not step.strip().isdigit() or not rank.strip().isdigit():
-            raise UsageError(f"--kill-at {spec!r}: expected STEP:RANK, two whole numbers (e.g. 150:1)")
-        kills.append((int(step), int(rank)))
-    return kills
-
-
-def _profile(args: argparse.Namespace) -> ClusterProfile:
-    profile = ClusterProfile.preset(args.profile)
-    overrides: dict[str, Any] = {}
-    if args.num_shards is not None:
-        overrides["num_shards"] = args.num_shards
-    if args.mtbf_hours is not None:
-        overrides["mtbf_hours"] = args.mtbf_hours
-    if args.job_hours is not None:
-        overrides["job_hours"] = args.job_hours
-    return dataclasses.replace(profile, **overrides)
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Reject bad settings before any data is read or model built."""
-    for name in _FLOAT_OPTIONS:
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    checks = [
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.rows >= 1, f"--rows must be >= 1, got {args.rows}"),
-        (0.0 < args.eval_fraction < 1.0, f"--eval-fraction must be in (0, 1), got {args.eval_fraction}"),
-        (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-        (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.embedding_lr > 0, f"--embedding-lr must be > 0, got {args.embedding_lr}"),
-        (args.num_shards is None or args.num_shards >= 1, f"--num-shards must be >= 1, got {args.num_shards}"),
-        (args.num_shards is None or args.num_shards <= MAX_VIRTUAL_SHARDS,
-         f"--num-shards must be <= {MAX_VIRTUAL_SHARDS}, got {args.num_shards}: each shard is an emulated parameter-server node "
-         "holding a slice of every table, and the shard layout and every save's metadata grow with the number of shards"),
-        (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
-        (args.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {args.eval_every}"),
-        (args.synthetic_rows >= 2, f"--synthetic-rows must be >= 2 (rows to train on and rows to evaluate), got {args.synthetic_rows}"),
-        (args.zipf_alpha >= 0, f"--zipf-alpha must be >= 0 (0: uniform ids), got {args.zipf_alpha}"),
-        (0.0 < args.target_pls < 1.0, f"--target-pls must be in (0, 1), got {args.target_pls}"),
-        (args.mtbf_hours is None or args.mtbf_hours > 0, f"--mtbf-hours must be > 0, got {args.mtbf_hours}"),
-        (args.job_hours is None or args.job_hours > 0, f"--job-hours must be > 0, got {args.job_hours}"),
-        (args.failures is None or args.failures >= 0, f"--failures must be >= 0, got {args.failures}"),
-        (args.interval_steps is None or args.interval_steps >= 1, f"--interval-steps must be >= 1, got {args.interval_steps}"),
-        (args.keep_last >= 1, f"--keep-last must be >= 1, got {args.keep_last}"),
-        (args.subset_interval_steps is None or args.subset_interval_steps >= 1,
-         f"--subset-interval-steps must be >= 1, got {args.subset_interval_steps}"),
-        (args.save_fraction is None or 0 < args.save_fraction <= 1, f"--save-fraction must be in (0, 1], got {args.save_fraction}"),
-        (args.sample_rate is None or 0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}"),
-        (args.policy != "none" or not args.failures, "--failures needs a checkpointing policy (--policy full|partial|...): policy 'none' cannot recover"),
-        (not args.differential or args.policy not in ("none", "full"),
-         f"--differential needs a partial-recovery policy (partial, mfu, ssu, scar), not {args.policy!r}: "
-         "a full rollback restores from full saves only"),
-        (args.nproc is None or args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
-        (args.nnodes >= 1 and 0 <= args.node_rank < args.nnodes,
-         f"--node-rank must be in 0..{args.nnodes - 1} and --nnodes >= 1, got {args.node_rank} and {args.nnodes}"),
-        (args.max_restarts >= 0, f"--max-restarts must be >= 0, got {args.max_restarts}"),
-        (supervised(args) or not (args.kill_at or args.real_failures),
-         "--kill-at and --real-failures kill worker processes: run the job under a supervisor (--nproc N)"),
-        (not (args.kill_at or args.real_failures) or args.policy != "none",
-         "--kill-at/--real-failures need a checkpointing policy (--policy full|partial|...): policy 'none' cannot recover"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    world_size = int(os.environ["WORLD_SIZE"]) if STORE_ENV in os.environ else (args.nproc or 1) * args.nnodes
-    steps = args.steps
-    for step, rank in parse_kills(args.kill_at):
-        if rank >= world_size or step < 1 or (steps is not None and step > steps):
-            raise UsageError(f"--kill-at {step}:{rank}: the rank must be below the world size {world_size} and the step "
-                             f"in 1..{steps if steps is not None else 'the run length'}")
-    try:
-        _profile(args)  # the profile validates MTBF, shards and costs
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):  # its own name: every rank probes at once
-            pass
-    except OSError as err:
-        raise UsageError(f"--out {out}: not writable ({err.strerror or err})") from None
-
-
-def supervised(args: argparse.Namespace) -> bool:
-    """Whether this run is (or will start) a supervised job, whose dead ranks are replaced."""
-    return args.nproc is not None or STORE_ENV in os.environ
-
-
-def policy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The prioritized policies' overrides that were given (the planner chooses the others)."""
-    given = {"subset_interval_steps": args.subset_interval_steps, "fraction": args.save_fraction, "sample_rate": args.sample_rate}
-    return {key: value for key, value in given.items() if value is not None}
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store: StoreFactory | None = None) -> dict[str, Any]:
     """Train as `args` say and return the summary (also written to OUT/summary.json by rank 0).
 
-    Under torchrun (WORLD_SIZE set) every rank runs this; the failure domains are then the ranks.
+    Under torchrun (WORLD_SIZE set) every rank runs this; the failure domains are then the ranks. `job_hooks`
+    are told of the job's heals, `make_store` makes the store each checkpointer saves through (seams for
+    fault injection and monitoring).
     """
     validate(args)
     out = Path(args.out)
@@ -259,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as err:
         raise UsageError(f"--batch-size {args.batch_size}: {err}") from None
     total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
-    profile = _profile(args)
+    profile = profile_of(args)
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
@@ -267,12 +86,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return model, build_optimizer(model, args.lr)
 
     def checkpointer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joining: bool) -> CPRCheckpointer:
+        directory = args.checkpoint_dir or out / "checkpoints"
         return CPRCheckpointer(
             model,
             optimizer,
-            args.checkpoint_dir or out / "checkpoints",
+            directory if make_store is None else make_store(directory, args.keep_last, rank == 0),
             policy=args.policy,
-            num_shards=args.num_shards if world_size == 1 else None,
+            num_domains=args.num_shards if world_size == 1 else None,
             target_pls=args.target_pls,
             profile=profile,
             total_steps=total_steps,
@@ -289,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     try:
-        job = ElasticJob(build, checkpointer, membership)
+        job = ElasticJob(build, checkpointer, membership, hooks=job_hooks)
     except UnsupportedShardingError as err:
         raise UsageError(str(err)) from None
     schedule = FailureSchedule.empty()
@@ -299,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         schedule = FailureSchedule.from_profile(job.ckpt.profile, total_steps, seed=args.seed, count=args.failures)
     kills = parse_kills(args.kill_at)
     if args.real_failures:
-        kills += [(failure.step, failure.shard) for failure in schedule]
+        kills += [(failure.step, failure.domain) for failure in schedule]
         schedule = FailureSchedule.empty()
     job.kills = frozenset(kills)  # none falls before step 1: the job is built and its first save committed
     model, optimizer, ckpt = job.model, job.optimizer, job.ckpt
@@ -391,7 +211,9 @@ def quiet_dependencies() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, job_hooks: JobHooks | None = None,
+         make_store: StoreFactory | None = None) -> int:
+    """The command line; `job_hooks` and `make_store` as for `run`."""
     quiet_dependencies()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -405,9 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return supervise(args, [sys.executable, "-m", "cpr.train", *argv])
     owns_group = not dist.is_initialized()  # a caller's process group (main called in-process) stays theirs
     try:
-        summary = run(args)
-    except (UsageError, CriteoDataError, RecoveryError, CorruptCheckpointError, UnwritableDirectoryError,
-            CheckpointMismatchError, CoordinationError, DirectoryLockedError, EarlierRunError, MembershipError) as err:
+        summary = run(args, job_hooks, make_store)
+    except (CPRError, CriteoDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -85,7 +85,8 @@ class Runner:
         self.started = time.perf_counter()
 
     def run(self, job: Job) -> dict[str, Any]:
-        from cpr.train import parse_args, quiet_dependencies, run
+        from cpr.options import parse_args
+        from cpr.train import quiet_dependencies, run
 
         self.done += 1
         key = hashlib.sha256(json.dumps(job.flags).encode()).hexdigest()[:16]
@@ -118,9 +119,9 @@ def run_all(jobs: Sequence[Job]) -> list[dict[str, Any]]:
 
 def expected_failures(flags: Sequence[str]) -> int:
     """The profile's expected failure count for a run with these flags, rounded (at least 1)."""
-    from cpr.train import _profile, parse_args
+    from cpr.options import parse_args, profile_of
 
-    return max(1, round(_profile(parse_args(list(flags))).expected_failures))
+    return max(1, round(profile_of(parse_args(list(flags))).expected_failures))
 
 
 # -- statistics ------------------------------------------------------------------------------------------

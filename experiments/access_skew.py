@@ -37,7 +37,7 @@ PAPER = ("Embedding accesses are highly skewed: a small fraction of rows receive
 
 def access_curve(flags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(share of rows, share of accesses) with rows of every table ranked by their accesses, descending."""
-    from cpr.train import parse_args
+    from cpr.options import parse_args
     from dlrm.data import open_dataset
     from dlrm.data.schema import table_rows
 

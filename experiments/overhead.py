@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     points = []
     for (axis, value, policy, seed), s in zip([k for k, _ in keyed], summaries):
-        profile = dataclasses.replace(base, **({"mtbf_hours": value} if axis == "mtbf" else {"num_shards": value}))
+        profile = dataclasses.replace(base, **({"mtbf_hours": value} if axis == "mtbf" else {"num_domains": value}))
         points.append({"axis": axis, "value": value, "policy": policy, "seed": seed, "failures": len(s["failures"]),
                        "overhead_fraction": s["overhead"]["total_fraction"], "pls_measured": s["pls_measured"],
                        "model_overhead_fraction": model_overhead(profile, policy, args.target_pls, s)})
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     colors = dict(zip(POLICIES, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
     grid = np.geomspace(min(mtbfs) / 1.5, max(mtbfs) * 1.5, 60)
     for ax, axis, xs, field, xlabel in ((left, "mtbf", grid, "mtbf_hours", "node MTBF (hours; production 400, 20 nodes)"),
-                                        (right, "shards", np.array(sorted(set(shard_counts) | {2, 64})), "num_shards",
+                                        (right, "shards", np.array(sorted(set(shard_counts) | {2, 64})), "num_domains",
                                          "embedding shards (production 16)")):
         for policy in args.policies:
             color = colors.get(policy)

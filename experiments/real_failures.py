@@ -1,7 +1,7 @@
 """Real failures: the same multi-rank job with no failure and with worker processes really killed (SIGKILL),
 recovered by full, partial and mfu: AUC, wall-clock lost, bytes read, and how long the job stood still.
 
-Each run is `python -m cpr.train --nproc R` (the supervisor of `cpr.supervisor` replaces only the killed
+Each run is `python -m cpr.train --nproc R` (the supervisor of `cpr.elastic.supervisor` replaces only the killed
 rank). Kills fall at a third and two thirds of the run on ranks 1 and 2 (rank 1 twice with 2 ranks). The
 time to resume is split into its phases (`RecoveryRecord.phases`): the survivors noticing, the replacement
 process starting (Python, imports, data), the rendezvous, rebuilding the model on the new group, and the

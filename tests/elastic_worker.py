@@ -1,6 +1,7 @@
 """A `python -m cpr.train` worker for the real-failure tests (run under `python -m cpr.run`).
 
-It records what the tests check and injects the faults `--kill-at` cannot:
+It records what the tests check and injects the faults `--kill-at` cannot, through the seams `cpr.train.main`
+offers (job hooks, and the store each checkpointer saves through):
 * every heal writes OUT/heal-<rank>-<n>.json: a digest of this rank's rows and row-wise optimizer state
   just before the heal and just after it, and whether the rank kept its state;
 * a replacement writes OUT/joined-<rank>-<generation>.pt: its rows and row-wise state right after it joined;
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from cpr import elastic
-from cpr.storage import store as store_module
-from cpr.train import main, parse_args
+from cpr.elastic import ElasticJob, JobHooks
+from cpr.storage import CheckpointStore
+from cpr.train import main
+from cpr.options import parse_args
 
 OUT = Path(parse_args(sys.argv[1:]).out)
 RANK = int(os.environ["RANK"])
@@ -35,14 +37,14 @@ def once(name: str) -> bool:
         return False
 
 
-def tables_of(job: elastic.ElasticJob) -> dict[str, torch.Tensor]:
+def tables_of(job: ElasticJob) -> dict[str, torch.Tensor]:
     tables = job.ckpt.tables
     out = {f"{t}/weight": tables.weight(t).detach().clone() for t in tables.tables}
     out.update({f"{t}/{s}": v.detach().clone() for t in tables.tables for s, v in tables.row_states(t).items()})
     return out
 
 
-def digest(job: elastic.ElasticJob) -> str:
+def digest(job: ElasticJob) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(tables_of(job).items()):
         h.update(name.encode())
@@ -50,40 +52,41 @@ def digest(job: elastic.ElasticJob) -> str:
     return h.hexdigest()
 
 
-original_heal, original_form = elastic.ElasticJob._heal, elastic.ElasticJob._form
+class RecordingHooks(JobHooks):
+    def __init__(self) -> None:
+        self.before: str | None = None
+
+    def before_heal(self, job: ElasticJob, has_state: bool) -> None:
+        self.before = digest(job) if has_state else None
+
+    def after_heal(self, job: ElasticJob, has_state: bool) -> None:
+        record = {"rank": RANK, "kept_state": self.before is not None, "before": self.before, "after": digest(job),
+                  "step": job.ckpt.global_step}
+        (OUT / f"heal-{RANK}-{job.heals}.json").write_text(json.dumps(record))
+
+    def before_join(self, job: ElasticJob, has_state: bool) -> None:
+        victim = os.environ.get("CPR_TEST_KILL_JOINING")
+        if not has_state and victim == str(RANK) and job.membership.newest_generation() > 0 and once("joining"):
+            job.membership.join()  # die after joining the group, while the survivors wait for this rank
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_form(self, job: ElasticJob, has_state: bool) -> None:
+        if job.replacement and not has_state:
+            torch.save(tables_of(job), OUT / f"joined-{RANK}-{job.membership.generation}.pt")
 
 
-def heal(self, error, has_state, dropped_steps):
-    before = digest(self) if has_state and self.ckpt is not None else None
-    original_heal(self, error, has_state, dropped_steps)
-    record = {"rank": RANK, "kept_state": before is not None, "before": before, "after": digest(self),
-              "step": self.ckpt.global_step}
-    (OUT / f"heal-{RANK}-{self.heals}.json").write_text(json.dumps(record))
+class KillingStore(CheckpointStore):
+    """Kills this process while it writes its part of the save CPR_TEST_KILL_IN_SAVE names."""
+
+    def write_part(self, staging, part, step, kind, *args, **kwargs):
+        if os.environ.get("CPR_TEST_KILL_IN_SAVE") == f"{step}:{RANK}" and once("save"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().write_part(staging, part, step, kind, *args, **kwargs)
 
 
-def form(self, has_state, dropped_steps):
-    victim = os.environ.get("CPR_TEST_KILL_JOINING")
-    if not has_state and victim == str(RANK) and self.membership.newest_generation() > 0 and once("joining"):
-        self.membership.join()  # die after joining the group, while the survivors wait for this rank
-        os.kill(os.getpid(), signal.SIGKILL)
-    original_form(self, has_state, dropped_steps)
-    if self.replacement and not has_state:
-        torch.save(tables_of(self), OUT / f"joined-{RANK}-{self.membership.generation}.pt")
+def make_store(directory, keep_last: int, lock: bool) -> CheckpointStore:
+    return KillingStore(directory, keep_last=keep_last, lock=lock)
 
-
-original_write_part = store_module.CheckpointStore.write_part
-
-
-def write_part(self, staging, name, step, kind, *args, **kwargs):
-    spec = os.environ.get("CPR_TEST_KILL_IN_SAVE")
-    if spec and spec == f"{step}:{RANK}" and once("save"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original_write_part(self, staging, name, step, kind, *args, **kwargs)
-
-
-elastic.ElasticJob._heal = heal
-elastic.ElasticJob._form = form
-store_module.CheckpointStore.write_part = write_part
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(job_hooks=RecordingHooks(), make_store=make_store))

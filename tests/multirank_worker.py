@@ -57,9 +57,12 @@ class FirstFeatures:
             yield Batch(batch.dense_features, sparse, batch.labels)
 
 
-def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False, tables: int | None = None):
-    """A fresh model, optimizer, reader and checkpointer on this rank (`tables`: only the first few features)."""
+def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False, tables: int | None = None,
+         before_write=None):
+    """A fresh model, optimizer, reader and checkpointer on this rank (`tables`: only the first few features;
+    `before_write`: a hook of the store it saves through, see tests/stores.py)."""
     from cpr import CPRCheckpointer
+    from tests.stores import HookedStore
     from dlrm.data.loader import BatchLoader
     from dlrm.data.schema import NUM_SPARSE, SPARSE_NAMES
     from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
@@ -72,7 +75,8 @@ def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: boo
     reader = BatchLoader(_arrays(), 32, rank=dist.get_rank(), world_size=dist.get_world_size())
     if tables:
         reader = FirstFeatures(reader, tables)
-    ckpt = CPRCheckpointer(model, optimizer, directory, policy=policy, total_steps=STEPS, reader=reader,
+    store = HookedStore(directory, lock=dist.get_rank() == 0, before_write=before_write)
+    ckpt = CPRCheckpointer(model, optimizer, store, policy=policy, total_steps=STEPS, reader=reader,
                            interval_steps=INTERVAL, resume=resume)
     return model, optimizer, reader, ckpt
 
@@ -165,16 +169,12 @@ def failed_save(out: Path, sharding: str, failed: int) -> dict[str, Any]:
     and training goes on; the step-8 save commits."""
     import errno
 
-    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial")
-    if dist.get_rank() == failed:
-        real_write = ckpt.store.write_part
+    def disk_full_at_step_4(staging, part, step, kind):
+        if step == INTERVAL:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def disk_full_at_step_4(staging, part, step, *args):
-            if step == INTERVAL:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_write(staging, part, step, *args)
-
-        ckpt.store.write_part = disk_full_at_step_4
+    model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial",
+                                          before_write=disk_full_at_step_4 if dist.get_rank() == failed else None)
     _train(model, optimizer, ckpt, reader, STEPS)
     report = ckpt.report()
     return {"saves": [(s.step, s.kind) for s in ckpt.store.saves()], "failed_saves": report["failed_saves"],

@@ -14,20 +14,23 @@ import pytest
 import torch
 
 from cpr import CPRCheckpointer
-from cpr.checkpointer import QUEUED_SUBSET_SAVES
+from cpr.save import QUEUED_SUBSET_SAVES
 from cpr.storage import DENSE_PART, CheckpointStore
 from cpr.storage.names import ids_name, state_name, weight_name
+from tests.stores import HookedStore
 from tests.test_checkpointer import ebc_step, make_batch, plain_ebc, train_step
 from tests.test_storage import REPO
 
 ROWS = [64, 48, 32]
 
 
-def _job(tmp_path, name: str, async_save: bool, interval: int = 2):
+def _job(tmp_path, name: str, async_save: bool, interval: int = 2, **hooks):
+    """A small job saving through a store with the given hooks (see tests/stores.py)."""
     torch.manual_seed(0)
     ebc, optimizer = plain_ebc(ROWS)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / name, policy="partial", num_shards=2, total_steps=20,
-                           interval_steps=interval, async_save=async_save, keep_last=10)
+    store = HookedStore(tmp_path / name, keep_last=10, **hooks)
+    ckpt = CPRCheckpointer(ebc, optimizer, store, policy="partial", num_domains=2, total_steps=20,
+                           interval_steps=interval, async_save=async_save)
     return ebc, optimizer, ckpt
 
 
@@ -57,15 +60,11 @@ def _same_saves(left: CPRCheckpointer, right: CPRCheckpointer) -> list:
 
 
 def test_a_failed_background_write_undoes_the_marks(tmp_path):
-    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True)
-    real_write = ckpt.store.write_part
-
-    def disk_full_at_step_2(staging, part, step, *args):
+    def disk_full_at_step_2(staging, part, step, kind):
         if step == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(staging, part, step, *args)
 
-    ckpt.store.write_part = disk_full_at_step_2
+    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True, before_write=disk_full_at_step_2)
     gen = torch.Generator().manual_seed(2)
     looked_up = {table: 0 for table in ckpt.tables.tables}
     for _ in range(3):
@@ -87,21 +86,17 @@ CHILD = textwrap.dedent("""
     import sys, time
     import torch
     from cpr import CPRCheckpointer
-    from cpr.storage import tensor_io
+    from tests.stores import HookedStore
     from tests.test_checkpointer import ebc_step, make_batch, plain_ebc
 
+    def stall_after_the_first_part(staging, part, step, kind):
+        if step > 0 and part != "domain-00000":
+            print("mid-save", flush=True)  # the parent kills us here, in the background write
+            time.sleep(60)
+
     ebc, optimizer = plain_ebc([64, 48, 32])
-    ckpt = CPRCheckpointer(ebc, optimizer, sys.argv[1], policy="partial", num_shards=2, total_steps=20,
-                           interval_steps=2)
-    real_write = tensor_io.write_tensors
-
-    def write_then_stall(path, tensors, *args, **kwargs):
-        entries = real_write(path, tensors, *args, **kwargs)
-        print("mid-save", flush=True)  # the parent kills us here, in the background write
-        time.sleep(60)
-        return entries
-
-    tensor_io.write_tensors = write_then_stall
+    ckpt = CPRCheckpointer(ebc, optimizer, HookedStore(sys.argv[1], before_write=stall_after_the_first_part),
+                           policy="partial", num_domains=2, total_steps=20, interval_steps=2)
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):
         batch = make_batch(gen, rows=[64, 48, 32])
@@ -130,27 +125,21 @@ def test_a_kill_during_the_background_write_leaves_the_previous_save(tmp_path):
 
 
 def test_the_commit_runs_on_the_writer_thread(tmp_path):
-    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True)
     committed_on = []
-    real_commit = ckpt.store.commit
-
-    def recording_commit(*args, **kwargs):
-        committed_on.append(threading.current_thread().name)
-        return real_commit(*args, **kwargs)
-
-    ckpt.store.commit = recording_commit
+    ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True,
+                                before_commit=lambda *_: committed_on.append(threading.current_thread().name))
     gen = torch.Generator().manual_seed(5)
     for _ in range(5):
         ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
     ckpt.flush()
     assert [s.step for s in ckpt.store.saves()] == [0, 2, 4]
-    assert len(committed_on) == 2 and all(name.startswith("cpr-save") for name in committed_on), committed_on
+    assert len(committed_on) == 3 and all(name.startswith("cpr-save") for name in committed_on), committed_on  # 0, 2, 4
 
 
 def test_no_save_is_started_at_the_jobs_last_step(tmp_path):
     torch.manual_seed(0)
     ebc, optimizer = plain_ebc(ROWS)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / "a", policy="partial", num_shards=2, total_steps=4,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / "a", policy="partial", num_domains=2, total_steps=4,
                            interval_steps=2)
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
@@ -163,35 +152,31 @@ def test_a_subset_due_while_a_full_save_is_written_is_queued_and_saves_what_a_sy
     """A subset save decided while a full save is being written does not wait for it: it is copied at once and
     written after it. The saves are those of a synchronous run."""
     options = {"subset_interval_steps": 1, "fraction": 0.2}
-    jobs, queued, depths = {}, [], []
-    for mode in ("async", "sync"):
-        torch.manual_seed(0)
-        ebc, optimizer = plain_ebc(ROWS)
-        ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / mode, policy="mfu", num_shards=2, total_steps=20,
-                               interval_steps=4, async_save=mode == "async", keep_last=10, policy_options=options)
-        jobs[mode] = (ebc, optimizer, ckpt)
-    ckpt = jobs["async"][2]
-    real_write, real_save, held = ckpt.store.write_part, ckpt._save, []
+    jobs, queued, depths, held = {}, [], [], []
 
-    def slow_full_write(staging, part, step, kind, *args):
+    def slow_full_write(staging, part, step, kind):
         if kind == "full" and step > 0 and step not in held:
             held.append(step)
             deadline = time.monotonic() + 60
             while len(queued) < len(held) and time.monotonic() < deadline:  # until the next subset is queued
                 time.sleep(0.01)
-        return real_write(staging, part, step, kind, *args)
 
-    def save(decision, queue=False):
-        real_save(decision, queue=queue)
-        if queue:
-            queued.append((ckpt.global_step, ckpt._pending.decision.step))
-            depths.append(len(ckpt._queued))
-
-    ckpt.store.write_part, ckpt._save = slow_full_write, save
+    for mode in ("async", "sync"):
+        torch.manual_seed(0)
+        ebc, optimizer = plain_ebc(ROWS)
+        store = HookedStore(tmp_path / mode, keep_last=10, before_write=slow_full_write if mode == "async" else None)
+        ckpt = CPRCheckpointer(ebc, optimizer, store, policy="mfu", num_domains=2, total_steps=20, interval_steps=4,
+                               async_save=mode == "async", policy_options=options)
+        jobs[mode] = (ebc, optimizer, ckpt)
+    ckpt = jobs["async"][2]
     for mode, (ebc, optimizer, job) in jobs.items():
         gen = torch.Generator().manual_seed(1)
         for _ in range(11):
             ebc_step(ebc, optimizer, job, make_batch(gen, rows=ROWS))
+            in_flight = job.saves.in_flight()
+            if len(in_flight) > 1 and in_flight[-1].decision.step == job.global_step:  # this step's save queued
+                queued.append((job.global_step, in_flight[0].decision.step))
+                depths.append(len(in_flight) - 1)
         job.flush()
     # The subset of step 5 queued behind the full save of step 4 (held until it is), and so on; the subsets
     # after it queue too while a save is in flight, at most QUEUED_SUBSET_SAVES of them.
@@ -210,19 +195,17 @@ def test_a_save_written_while_training_changes_its_rows_holds_the_rows_of_its_st
     """A DMP model's async save (a full save of `partial`, a copy-on-write snapshot; a subset save of `mfu`,
     copied at once): its writer is held back while three more steps change rows it holds, and it still
     writes the rows of its own step."""
-    model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_shards=2, total_steps=100,
-                           interval_steps=4 if options is None else 20, policy_options=options, keep_last=10)
     held, release = [], threading.Event()
-    real_write = ckpt.store.write_part
 
-    def held_write(staging, part, step, *args):
+    def held_write(staging, part, step, kind):
         if step > 0 and not held:
             held.append(step)
             assert release.wait(60)
-        return real_write(staging, part, step, *args)
 
-    ckpt.store.write_part = held_write
+    model, optimizer = dmp_model
+    ckpt = CPRCheckpointer(model, optimizer, HookedStore(tmp_path / "ckpt", keep_last=10, before_write=held_write),
+                           policy=policy, num_domains=2, total_steps=100, interval_steps=4 if options is None else 20,
+                           policy_options=options)
     gen = torch.Generator().manual_seed(3)
     at_save = None
     while at_save is None:
@@ -269,8 +252,14 @@ def test_the_writer_thread_runs_torch_ops_on_one_thread_and_training_keeps_its_t
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _, _, ckpt = _job(tmp_path, "a", async_save=True)
-        assert ckpt._executor.submit(torch.get_num_threads).result() == 1
+        writer_threads = []
+        ebc, optimizer, ckpt = _job(tmp_path, "a", async_save=True,
+                                    before_write=lambda *_: writer_threads.append(torch.get_num_threads()))
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(2):  # the step-2 save is written on the writer thread
+            ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))
+        ckpt.flush()
+        assert writer_threads and all(n == 1 for n in writer_threads)
         assert torch.get_num_threads() == 2
         ckpt.close()
     finally:

@@ -9,7 +9,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.datasets.utils import Batch
 
 from cpr import CPRCheckpointer, ClusterProfile
-from cpr.checkpointer import RecoveryError
+from cpr.errors import RecoveryError
 from cpr.faults import FailureSchedule
 from tests.conftest import FEATURES, ROWS
 
@@ -46,7 +46,7 @@ def emulate(policy: str, seed: int, tmp_path, options: dict, interval_steps: int
     """Observe-and-recover emulation on a plain EBC: lost updates are counted, no training needed."""
     rows = [500, 300, 50]
     ebc, optimizer = plain_ebc(rows)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / f"{policy}{seed}", policy=policy, num_shards=8, total_steps=steps,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / f"{policy}{seed}", policy=policy, num_domains=8, total_steps=steps,
                            interval_steps=interval_steps, policy_options=options)
     pending = list(FailureSchedule.from_profile(ckpt.profile, steps, seed=seed, count=failures))
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +54,7 @@ def emulate(policy: str, seed: int, tmp_path, options: dict, interval_steps: int
         ckpt.observe(make_batch(gen, 16, rows))
         ckpt.step()
         while pending and pending[0].step <= ckpt.global_step:
-            ckpt.recover([pending.pop(0).shard])
+            ckpt.recover([pending.pop(0).domain])
     return ckpt.report()
 
 
@@ -82,7 +82,7 @@ def dense_params(model) -> dict[str, torch.Tensor]:
 
 def test_partial_recovery_restores_only_the_failed_shard(dmp_model, tmp_path):
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_shards=4, total_steps=100, interval_steps=5)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_domains=4, total_steps=100, interval_steps=5)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -93,7 +93,7 @@ def test_partial_recovery_restores_only_the_failed_shard(dmp_model, tmp_path):
     dense_before = dense_params(model)
     pending = {t: ckpt.tracker.counts(t).clone() for t in ckpt.tables.tables}
 
-    result = ckpt.recover(failed_shards=[2])
+    result = ckpt.recover(failed_domains=[2])
 
     assert result.kind == "partial" and result.step == 8
     after = snapshot(ckpt)
@@ -117,16 +117,16 @@ def test_partial_recovery_restores_only_the_failed_shard(dmp_model, tmp_path):
 def test_partial_recovery_composes_subset_saves(dmp_model, tmp_path):
     """Rows saved by a later subset save come back in that newer version."""
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_shards=2, total_steps=100, interval_steps=50)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_domains=2, total_steps=100, interval_steps=50)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         train_step(model, optimizer, ckpt, make_batch(gen))
     table = next(iter(ckpt.tables.tables))
     start, end = ckpt.layout.rows(table, 0)
     hot = ckpt.tracker.hottest(table, k=3, row_range=(start, end))
-    from cpr.policies import SavePlan
+    from cpr.policies import SaveDecision
 
-    ckpt._save(SavePlan("subset", rows={table: hot}))
+    ckpt.save_now(SaveDecision("subset", rows={table: hot}))
     subset_version = ckpt.tables.weight(table)[hot].clone()
     for _ in range(2):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -140,7 +140,7 @@ def test_partial_recovery_composes_subset_saves(dmp_model, tmp_path):
 
 def test_full_recovery_rewinds_everything(dmp_model, tmp_path):
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_shards=4, total_steps=100, interval_steps=4)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_domains=4, total_steps=100, interval_steps=4)
     gen = torch.Generator().manual_seed(3)
     for _ in range(4):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -159,7 +159,7 @@ def test_full_recovery_rewinds_everything(dmp_model, tmp_path):
 
 def test_full_recovery_skips_a_corrupt_save(dmp_model, tmp_path):
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_shards=2, total_steps=100, interval_steps=2)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_domains=2, total_steps=100, interval_steps=2)
     gen = torch.Generator().manual_seed(4)
     for _ in range(2):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -190,7 +190,7 @@ def test_policy_none_cannot_recover(dmp_model, tmp_path):
 
 def test_invalid_shard_is_rejected(dmp_model, tmp_path):
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_shards=4, total_steps=10)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="partial", num_domains=4, total_steps=10)
     with pytest.raises(ValueError, match="shard 4 does not exist"):
         ckpt.recover([4])
 
@@ -199,7 +199,7 @@ def test_invalid_shard_is_rejected(dmp_model, tmp_path):
     "kwargs, message",
     [
         ({"target_pls": 0.0}, "target_pls"),
-        ({"num_shards": 0}, "num_shards"),
+        ({"num_domains": 0}, "num_domains"),
         ({"profile": "bad-mtbf"}, "mtbf_hours"),
     ],
 )
@@ -223,7 +223,7 @@ def test_unwritable_directory_is_reported(dmp_model, tmp_path):
 
 def test_plain_ebc_module_is_supported(tmp_path):
     ebc, optimizer = plain_ebc(ROWS, dim=4)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="partial", num_shards=2, total_steps=10, interval_steps=100)
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="partial", num_domains=2, total_steps=10, interval_steps=100)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
         batch = make_batch(gen)
@@ -257,7 +257,7 @@ def test_checkpointer_is_stateful_for_torch_distributed_checkpoint(dmp_model, tm
     import torch.distributed.checkpoint as dcp
 
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "cpr", policy="partial", num_shards=2, total_steps=100, interval_steps=50)
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "cpr", policy="partial", num_domains=2, total_steps=100, interval_steps=50)
     gen = torch.Generator().manual_seed(6)
     for _ in range(3):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -277,7 +277,7 @@ def test_checkpointer_is_stateful_for_torch_distributed_checkpoint(dmp_model, tm
 def _adam_job(tmp_path, name: str):
     ebc, _ = plain_ebc([40, 30, 20])
     optimizer = torch.optim.Adam(ebc.parameters(), lr=0.05)  # creates its state lazily, at the first step
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / name, policy="partial", num_shards=2, total_steps=50,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / name, policy="partial", num_domains=2, total_steps=50,
                            interval_steps=25)
     return ebc, optimizer, ckpt
 
@@ -324,19 +324,18 @@ def test_stateful_round_trip_keeps_a_lazily_created_optimizer_state(tmp_path):
     assert fresh.global_step == 3
 
 
-def test_a_save_the_disk_refuses_is_reported_and_training_goes_on(dmp_model, tmp_path, monkeypatch, capsys):
+def test_a_save_the_disk_refuses_is_reported_and_training_goes_on(dmp_model, tmp_path, capsys):
     import errno
 
-    model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy="full", num_shards=2, total_steps=100, interval_steps=2)
-    real_write = ckpt.store.write_part
+    from tests.stores import HookedStore
 
-    def disk_full_at_step_2(staging, part, step, *args):
+    def disk_full_at_step_2(staging, part, step, kind):
         if step == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(staging, part, step, *args)
 
-    monkeypatch.setattr(ckpt.store, "write_part", disk_full_at_step_2)
+    model, optimizer = dmp_model
+    ckpt = CPRCheckpointer(model, optimizer, HookedStore(tmp_path, before_write=disk_full_at_step_2), policy="full",
+                           num_domains=2, total_steps=100, interval_steps=2)
     gen = torch.Generator().manual_seed(10)
     for _ in range(4):
         train_step(model, optimizer, ckpt, make_batch(gen))
@@ -349,18 +348,18 @@ def test_a_save_the_disk_refuses_is_reported_and_training_goes_on(dmp_model, tmp
 
 
 def test_a_new_run_does_not_mix_with_an_earlier_runs_saves(tmp_path):
-    from cpr.checkpointer import EarlierRunError
+    from cpr.errors import EarlierRunError
 
     ebc, optimizer = plain_ebc(ROWS)
-    first = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2)
+    first = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_domains=2, total_steps=10, interval_steps=2)
     gen = torch.Generator().manual_seed(11)
     for _ in range(4):
         first.observe(make_batch(gen))
         first.step()
     first.close()
     with pytest.raises(EarlierRunError, match="step 4"):
-        CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2)
-    again = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=2, total_steps=10, interval_steps=2,
+        CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_domains=2, total_steps=10, interval_steps=2)
+    again = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_domains=2, total_steps=10, interval_steps=2,
                             overwrite=True)
     assert [s.step for s in again.store.saves()] == [0]  # only the new run's initial save
 
@@ -369,7 +368,7 @@ def test_a_save_is_charged_for_its_data_not_its_file_formats_headers(tmp_path):
     """The emulated cost of a full save is the profile's save time: a torch.save record per tensor adds about
     1.5 KB, which for tiny tables in 16 domains is most of the file, and must not multiply the charge."""
     ebc, optimizer = plain_ebc([64, 48, 32])
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_shards=16, total_steps=100, interval_steps=10)
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="full", num_domains=16, total_steps=100, interval_steps=10)
     (event,) = ckpt.ledger.checkpoints
     assert event.bytes > 10 * event.data_bytes  # the format's headers dwarf these rows
     assert event.data_bytes == ckpt.ledger.full_bytes  # every row, row-wise state and dense tensor, once

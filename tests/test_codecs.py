@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cpr import CPRCheckpointer
-from cpr.checkpointer import AUTO_INT4_MAX_RESTORES, weight_codec
+from cpr.save import AUTO_INT4_MAX_RESTORES, weight_codec
 from cpr.storage import CorruptCheckpointError, Manifest, codecs, tensor_io
 from cpr.storage.manifest import content_checksum
 from cpr.storage.names import state_name, weight_name
@@ -134,7 +134,7 @@ def test_auto_picks_the_bit_width_from_the_expected_restores():
 
 def _trained(dmp_model, tmp_path, policy: str, quantize: str, steps: int = 12) -> tuple[CPRCheckpointer, dict]:
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_shards=2, total_steps=100,
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_domains=2, total_steps=100,
                            interval_steps=steps, quantize=quantize)
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):  # ends with the periodic full save

@@ -24,6 +24,7 @@ import torch
 from cpr import CPRCheckpointer
 from cpr.comm import Coordinator
 from tests.conftest import ROWS
+from tests.stores import HookedStore
 from tests.test_async_save import ebc_step, make_batch, plain_ebc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,23 +116,21 @@ def test_rejoin_after_a_real_kill(tmp_path, policy):
 
 def test_a_queued_subset_save(tmp_path):
     """An asynchronous job whose full save's write is held until the next subset save is queued behind it."""
-    torch.manual_seed(0)
-    ebc, optimizer = plain_ebc(ROWS)
-    trace = tmp_path / "trace"
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / "ckpt", policy="mfu", num_shards=2, total_steps=12,
-                           interval_steps=4, keep_last=10, coordinator=Coordinator(trace=trace),
-                           policy_options={"subset_interval_steps": 1, "fraction": 0.2})
-    real_write, held = ckpt.store.write_part, []
+    held, ckpt = [], None
 
-    def slow_full_write(staging, part, step, kind, *args):
+    def slow_full_write(staging, part, step, kind):
         if kind == "full" and step > 0 and step not in held:
             held.append(step)
             deadline = time.monotonic() + 60
             while ckpt.global_step < step + 2 and time.monotonic() < deadline:  # a subset is queued behind it
                 time.sleep(0.01)
-        return real_write(staging, part, step, kind, *args)
 
-    ckpt.store.write_part = slow_full_write
+    torch.manual_seed(0)
+    ebc, optimizer = plain_ebc(ROWS)
+    trace = tmp_path / "trace"
+    ckpt = CPRCheckpointer(ebc, optimizer, HookedStore(tmp_path / "ckpt", keep_last=10, before_write=slow_full_write),
+                           policy="mfu", num_domains=2, total_steps=12, interval_steps=4,
+                           coordinator=Coordinator(trace=trace), policy_options={"subset_interval_steps": 1, "fraction": 0.2})
     gen = torch.Generator().manual_seed(1)
     for _ in range(11):
         ebc_step(ebc, optimizer, ckpt, make_batch(gen, rows=ROWS))

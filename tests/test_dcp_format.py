@@ -34,7 +34,7 @@ def plain(value: torch.Tensor) -> torch.Tensor:
 def trained_full_save(dmp_model, tmp_path, steps: int = 4, **options) -> tuple[CPRCheckpointer, dict[str, torch.Tensor]]:
     """A job trained `steps` steps whose last step is a full save; the model's state dict at that save."""
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy="full", num_shards=3, total_steps=100,
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy="full", num_domains=3, total_steps=100,
                            interval_steps=steps, **options)
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):

@@ -19,7 +19,7 @@ def _job(process_group, tmp_path, rows: list[int], policy: str = "partial", **kw
     torch.manual_seed(0)
     model = wrap_dmp(build_model(MODEL_CONFIGS["small"], rows, FEATURES), torch.device("cpu"), "rowwise_adagrad", 0.1)
     optimizer = build_optimizer(model, 0.1)
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_shards=3, total_steps=1000,
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path / "ckpt", policy=policy, num_domains=3, total_steps=1000,
                            differential=True, **kwargs)
     return model, optimizer, ckpt
 

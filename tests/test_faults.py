@@ -8,7 +8,7 @@ import pytest
 from cpr.faults import FailureSchedule, hours_per_step, sample_gaps
 from cpr.planning import ClusterProfile
 
-PROFILE = ClusterProfile(job_hours=100.0, mtbf_hours=40.0, nodes=4, num_shards=8, save_seconds=60.0, load_seconds=60.0)
+PROFILE = ClusterProfile(job_hours=100.0, mtbf_hours=40.0, nodes=4, num_domains=8, save_seconds=60.0, load_seconds=60.0)
 
 
 def test_same_seed_same_schedule_other_seed_another():
@@ -26,7 +26,7 @@ def test_count_gives_exactly_that_many_failures_in_range(distribution):
         assert len(schedule) == 7
         assert all(1 <= s < 500 for s in steps) and steps == sorted(set(steps))
         assert all(0 < f.hour < profile.job_hours for f in schedule)
-        assert all(0 <= f.shard < profile.num_shards for f in schedule)
+        assert all(0 <= f.domain < profile.num_domains for f in schedule)
 
 
 def test_failures_never_land_on_step_zero_or_share_a_step():
@@ -62,8 +62,8 @@ def test_mean_inter_failure_time_is_the_job_mtbf(distribution, std_over_mean):
     hours = np.array([f.hour for f in schedule])
     gaps = np.diff(hours, prepend=0.0)
     assert abs(gaps.mean() - profile.job_mtbf_hours) < 5 * std_over_mean * profile.job_mtbf_hours / math.sqrt(len(gaps))
-    shards = np.bincount([f.shard for f in schedule], minlength=profile.num_shards)
-    assert len(shards) == profile.num_shards and shards.min() > 0
+    domains = np.bincount([f.domain for f in schedule], minlength=profile.num_domains)
+    assert len(domains) == profile.num_domains and domains.min() > 0
 
 
 def test_at_iteration_and_json():
@@ -74,7 +74,7 @@ def test_at_iteration_and_json():
     assert all(schedule.at(s) == [] for s in range(200) if s not in failing)
     data = json.loads(schedule.to_json())
     assert (data["total_steps"], data["seed"], len(data["failures"])) == (200, 5, 3)
-    assert data["failures"][0] == {"step": first.step, "shard": first.shard, "hour": first.hour}
+    assert data["failures"][0] == {"step": first.step, "shard": first.domain, "hour": first.hour}
 
 
 def test_empty_schedule_has_no_failures():

@@ -16,7 +16,7 @@ from cpr.planning import (
 
 
 def profile(**overrides) -> ClusterProfile:
-    base = dict(job_hours=100.0, mtbf_hours=200.0, nodes=4, num_shards=8,
+    base = dict(job_hours=100.0, mtbf_hours=200.0, nodes=4, num_domains=8,
                 save_seconds=360.0, load_seconds=720.0, reschedule_seconds=180.0)
     return ClusterProfile(**{**base, **overrides})
 
@@ -70,7 +70,7 @@ def test_partial_interval_steps_is_the_longest_that_meets_the_target(total_steps
     failures = p.expected_failures
 
     def pls(k: int) -> float:
-        return failures * expected_lost_steps(k, total_steps) / (p.num_shards * total_steps)
+        return failures * expected_lost_steps(k, total_steps) / (p.num_domains * total_steps)
 
     k = partial_interval_steps(p, target, total_steps)
     assert pls(k) <= target
@@ -104,7 +104,7 @@ def test_production_preset_matches_the_papers_full_recovery_overhead():
 
 def test_full_recovery_is_recommended_when_partial_saves_too_often():
     # One shard and a tiny PLS target force partial recovery to save far more often than Young's interval.
-    result = plan(profile(num_shards=1), 0.0005)
+    result = plan(profile(num_domains=1), 0.0005)
     assert result.recommended == "full"
     assert result.partial.overhead.total_fraction > result.full.overhead.total_fraction
 
@@ -118,7 +118,7 @@ def test_with_measured_replaces_only_the_save_and_load_times():
 @pytest.mark.parametrize("overrides, field", [
     ({"mtbf_hours": 0.0}, "mtbf_hours"),
     ({"job_hours": -1.0}, "job_hours"),
-    ({"num_shards": 0}, "num_shards"),
+    ({"num_domains": 0}, "num_domains"),
     ({"nodes": 0}, "nodes"),
     ({"save_seconds": 0.0}, "save_seconds"),
     ({"load_seconds": -1.0}, "load_seconds"),

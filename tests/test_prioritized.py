@@ -13,7 +13,8 @@ from cpr import CPRCheckpointer, ClusterProfile
 from cpr.faults import FailureSchedule
 from cpr.planning import AccessProfile, plan_for_budget, plan_prioritized
 from cpr.policies.prioritized import CALIBRATION_SAMPLE, SSUPolicy
-from cpr.train import parse_args, run
+from cpr.options import parse_args
+from cpr.train import run
 from tests.conftest import FEATURES
 from tests.test_checkpointer import emulate, make_batch, plain_ebc
 from tests.test_train import SMALL
@@ -44,7 +45,7 @@ def ebc_step(ebc, optimizer, ckpt: CPRCheckpointer, kjt: KeyedJaggedTensor):
 @pytest.mark.parametrize("policy", PRIORITIZED)
 def test_subset_saves_hold_the_selected_rows_and_recovery_composes_the_newest(policy, dmp_model, tmp_path):
     model, optimizer = dmp_model
-    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy=policy, num_shards=2, total_steps=40, interval_steps=12,
+    ckpt = CPRCheckpointer(model, optimizer, tmp_path, policy=policy, num_domains=2, total_steps=40, interval_steps=12,
                            keep_last=10, policy_options={**PINNED[policy], "subset_interval_steps": 3},
                            async_save=False)  # each save is inspected right after its step
     tables = list(ckpt.tables.tables)
@@ -107,7 +108,7 @@ def test_mfu_saves_the_hottest_rows_of_each_shard(tmp_path):
     # Two hot rows in each of the two shards of t0 (rows [0, 40) and [40, 80)), one per shard of t1.
     hot = {"cat_0": [3, 17, 45, 70], "cat_1": [5, 33]}
     ebc, optimizer = plain_ebc(rows)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="mfu", num_shards=2, total_steps=100, interval_steps=50,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="mfu", num_domains=2, total_steps=100, interval_steps=50,
                            policy_options={"fraction": 0.05, "subset_interval_steps": 4})
     decisions = [ebc_step(ebc, optimizer, ckpt, kjt) for kjt in planted_batches(hot, rows, 12)]  # calibrates at step 5
     subsets = [d for d in decisions if d is not None and d.kind == "subset"]
@@ -122,7 +123,7 @@ def test_mfu_saves_the_hottest_rows_of_each_shard(tmp_path):
 def test_scar_saves_the_rows_that_moved_most(tmp_path):
     rows = [80, 40, 8]
     ebc, optimizer = plain_ebc(rows)
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="scar", num_shards=2, total_steps=100, interval_steps=50,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="scar", num_domains=2, total_steps=100, interval_steps=50,
                            policy_options={"fraction": 0.025, "subset_interval_steps": 1})
     with torch.no_grad():  # move rows by hand since the initial full save
         weight = ckpt.tables.weight("t0")
@@ -139,7 +140,7 @@ def test_ssu_memory_is_bounded_and_independent_of_the_table_size(tmp_path):
     for big in (1_000, 200_000):
         rows = [big, 40, 8]
         ebc, optimizer = plain_ebc(rows)
-        ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / str(big), policy="ssu", num_shards=2, total_steps=60,
+        ckpt = CPRCheckpointer(ebc, optimizer, tmp_path / str(big), policy="ssu", num_domains=2, total_steps=60,
                                interval_steps=30, policy_options={"sample_rate": 0.3, "subset_interval_steps": 5})
         policy = ckpt.policy
         assert isinstance(policy, SSUPolicy)
@@ -171,7 +172,7 @@ def zipf_access(rows: list[int], shards: int, steps: int, seed: int = 0) -> Acce
 @pytest.mark.parametrize("kind", PRIORITIZED)
 def test_planner_higher_target_never_costs_more_and_meets_it(kind):
     profile = ClusterProfile.preset("production")
-    access = zipf_access([5000, 2000, 300], profile.num_shards, steps=50)
+    access = zipf_access([5000, 2000, 300], profile.num_domains, steps=50)
     common = dict(hours_per_step=120 / 2000, total_steps=2000, full_bytes=7300 * 40, row_bytes={"t0": 48, "t1": 48, "t2": 48})
     targets = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     plans = [plan_prioritized(kind, access, profile, t, **common) for t in targets]
@@ -179,7 +180,7 @@ def test_planner_higher_target_never_costs_more_and_meets_it(kind):
     assert costs == sorted(costs, reverse=True), costs
     for target, p in zip(targets, plans):
         assert p.meets_target and p.expected_pls <= target * (1 + 1e-9), (target, p)
-    partial_only = [7300 * 40 / (min(2000, math.floor(2 * t * profile.num_shards * profile.job_mtbf_hours / common["hours_per_step"] + 1))
+    partial_only = [7300 * 40 / (min(2000, math.floor(2 * t * profile.num_domains * profile.job_mtbf_hours / common["hours_per_step"] + 1))
                                  * common["hours_per_step"]) for t in targets]
     assert all(c <= p for c, p in zip(costs, partial_only))
     assert any(p.subset_interval_steps for p in plans), "skewed accesses should make subset saves pay off"
@@ -187,13 +188,13 @@ def test_planner_higher_target_never_costs_more_and_meets_it(kind):
 
 def test_planner_budget_dual_stays_within_budget_and_beats_full_saves_alone():
     profile = ClusterProfile.preset("production")
-    access = zipf_access([5000, 2000, 300], profile.num_shards, steps=50)
+    access = zipf_access([5000, 2000, 300], profile.num_domains, steps=50)
     common = dict(hours_per_step=120 / 2000, total_steps=2000, full_bytes=7300 * 40, row_bytes={"t0": 48, "t1": 48, "t2": 48})
     budget = 7300 * 40 / (400 * common["hours_per_step"])  # a full save every 400 steps
     for kind in PRIORITIZED:
         chosen = plan_for_budget(kind, access, profile, budget, **common)
         assert chosen.bytes_per_hour <= budget * (1 + 1e-9)
-        assert chosen.expected_pls < 400 / 2 / (profile.num_shards * profile.job_mtbf_hours / common["hours_per_step"])
+        assert chosen.expected_pls < 400 / 2 / (profile.num_domains * profile.job_mtbf_hours / common["hours_per_step"])
     with pytest.raises(ValueError, match="does not fit one full save"):
         plan_for_budget("mfu", access, profile, 1.0, **common)
 
@@ -214,7 +215,7 @@ def test_measured_pls_matches_the_planner_prediction(policy, options, tmp_path):
 
 def test_explicit_settings_win_over_the_planner(tmp_path):
     ebc, optimizer = plain_ebc([80, 40, 8])
-    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="mfu", num_shards=2, total_steps=100, interval_steps=30,
+    ckpt = CPRCheckpointer(ebc, optimizer, tmp_path, policy="mfu", num_domains=2, total_steps=100, interval_steps=30,
                            policy_options={"fraction": 0.3, "subset_interval_steps": 7})
     for kjt in planted_batches({}, [80, 40, 8], 6):
         ebc_step(ebc, optimizer, ckpt, kjt)
@@ -243,7 +244,7 @@ def planned_emulation(policy: str, seed: int, directory, target: float, steps: i
     expected number of failures (seeded); the checkpointer's report."""
     rows = [500, 300, 50]
     ebc, optimizer = plain_ebc(rows)
-    profile = ClusterProfile(job_hours=100.0, mtbf_hours=100.0 / failures, num_shards=8, save_seconds=30.0, load_seconds=30.0)
+    profile = ClusterProfile(job_hours=100.0, mtbf_hours=100.0 / failures, num_domains=8, save_seconds=30.0, load_seconds=30.0)
     ckpt = CPRCheckpointer(ebc, optimizer, directory / f"{policy}{seed}", policy=policy, profile=profile,
                            target_pls=target, total_steps=steps)
     pending = list(FailureSchedule.from_profile(profile, steps, seed=seed, count=failures))
@@ -251,7 +252,7 @@ def planned_emulation(policy: str, seed: int, directory, target: float, steps: i
     for _ in range(steps):
         ebc_step(ebc, optimizer, ckpt, make_batch(gen, 16, rows).sparse_features)
         while pending and pending[0].step <= ckpt.global_step:
-            ckpt.recover([pending.pop(0).shard])
+            ckpt.recover([pending.pop(0).domain])
     return ckpt.report()
 
 

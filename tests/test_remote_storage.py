@@ -67,7 +67,7 @@ def test_a_damaged_remote_save_is_skipped_for_the_previous_one(memory_url):
 
 def test_a_job_recovers_from_a_memory_url_and_dcp_loads_its_full_save(process_group, memory_url):
     model, optimizer = fresh_dmp(seed=0)
-    ckpt = CPRCheckpointer(model, optimizer, memory_url, policy="full", num_shards=3, total_steps=100,
+    ckpt = CPRCheckpointer(model, optimizer, memory_url, policy="full", num_domains=3, total_steps=100,
                            interval_steps=4)
     gen = torch.Generator().manual_seed(3)
     for _ in range(4):
@@ -92,7 +92,7 @@ def test_a_job_recovers_from_a_memory_url_and_dcp_loads_its_full_save(process_gr
 
 def test_dcp_reads_a_full_save_through_a_file_url(process_group, tmp_path):
     model, optimizer = fresh_dmp(seed=0)
-    ckpt = CPRCheckpointer(model, optimizer, f"file://{tmp_path}", policy="full", num_shards=2, total_steps=100)
+    ckpt = CPRCheckpointer(model, optimizer, f"file://{tmp_path}", policy="full", num_domains=2, total_steps=100)
     expected = {key: plain(value).clone() for key, value in model.state_dict().items()}
     fresh, _ = fresh_dmp(seed=7)
     state = fresh.state_dict()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cpr.train import parse_args, run
+from cpr.options import parse_args
+from cpr.train import run
 from tests.test_train import REPO, SMALL
 
 RUN = [*SMALL, "--policy", "full", "--failures", "0", "--steps", "1000", "--interval-steps", "50"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cpr.tracking import AccessTracker
-from cpr.tracking._ops import has_cuda_kernels
+from cpr.tracking import has_cuda_kernels
 from tests.test_tracking import FEATURES, TABLES, make_kjt, random_batch, zipf_ids
 
 pytestmark = pytest.mark.skipif(

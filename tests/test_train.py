@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpr.train import main, parse_args, run
+from cpr.options import parse_args
+from cpr.train import main, run
 
 REPO = Path(__file__).resolve().parents[1]
 # A small, fast configuration of the built-in synthetic set.

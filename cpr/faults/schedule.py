@@ -2,15 +2,15 @@
 
 The run spans the emulated job: cluster hour h in [0, job_hours) is training step
 floor(h / job_hours * total_steps). Failures form a renewal process whose i.i.d. inter-failure times
-follow the profile's distribution with mean = job MTBF; each failure hits one embedding shard, uniform
-in [0, num_shards).
+follow the profile's distribution with mean = job MTBF; each failure hits one failure domain (an
+embedding parameter-server node), uniform in [0, num_domains).
 """
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,11 +21,14 @@ from .sampling import sample_gaps
 
 @dataclass(frozen=True)
 class Failure:
-    """Shard `shard` fails just before training step `step` (cluster time `hour`)."""
+    """Domain `domain` fails just before training step `step` (cluster time `hour`)."""
 
     step: int
-    shard: int
+    domain: int  # a failure domain: an emulated row range, or a rank
     hour: float
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "shard": self.domain, "hour": self.hour}  # (the CLI's name for a domain)
 
 
 def hours_per_step(profile: ClusterProfile, total_steps: int) -> float:
@@ -72,9 +75,9 @@ class FailureSchedule:
         hours = _renewal_hours(profile, rng) if count is None else _spread_hours(profile, rng, count)
         if len(hours) > total_steps - 1:
             raise ValueError(f"sampled {len(hours)} failures but only steps 1..{total_steps - 1} can fail")
-        shards = rng.integers(0, profile.num_shards, size=len(hours))
+        domains = rng.integers(0, profile.num_domains, size=len(hours))
         steps = _distinct_steps(np.floor(hours / hours_per_step(profile, total_steps)).astype(np.int64), total_steps)
-        failures = tuple(Failure(int(s), int(d), float(h)) for s, d, h in zip(steps, shards, hours))
+        failures = tuple(Failure(int(s), int(d), float(h)) for s, d, h in zip(steps, domains, hours))
         return cls(failures, total_steps, profile.job_hours, seed)
 
     @classmethod
@@ -98,7 +101,7 @@ class FailureSchedule:
             "total_steps": self.total_steps,
             "job_hours": self.job_hours,
             "seed": self.seed,
-            "failures": [asdict(f) for f in self.failures],
+            "failures": [f.to_json() for f in self.failures],
         })
 
 

@@ -29,7 +29,7 @@ class AgeHistogram(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _ShardRates:
+class _DomainRates:
     table: str
     rows: int  # rows of the table in this shard
     rates: np.ndarray  # accesses per step of the shard's accessed rows, descending (float64)
@@ -42,7 +42,7 @@ class AccessProfile:
     with multiplicity (`from_sample`, SSU). Rows never seen count as never accessed.
     """
 
-    def __init__(self, groups: Sequence[_ShardRates], steps: int) -> None:
+    def __init__(self, groups: Sequence[_DomainRates], steps: int) -> None:
         if steps < 1:
             raise ValueError(f"calibration window must be at least one step, got {steps}")
         self.steps = steps
@@ -82,21 +82,21 @@ class AccessProfile:
     def from_tensors(cls, state: Mapping[str, Any]) -> AccessProfile:
         """The profile `to_tensors()` gave."""
         rates = np.split(state["access_rates"].numpy(), np.cumsum(state["access_lengths"].numpy())[:-1])
-        groups = [_ShardRates(table, int(rows), r) for table, rows, r in zip(state["access_tables"], state["access_rows"].tolist(), rates)]
+        groups = [_DomainRates(table, int(rows), r) for table, rows, r in zip(state["access_tables"], state["access_rows"].tolist(), rates)]
         return cls(groups, int(state["access_steps"]))
 
     @classmethod
     def from_counts(
         cls, counts: Mapping[str, torch.Tensor], ranges: Mapping[str, Sequence[tuple[int, int]]], steps: int
     ) -> AccessProfile:
-        """Per-row access counts over `steps` steps; `ranges[table]` are the shards' row ranges."""
+        """Per-row access counts over `steps` steps; `ranges[table]` are the domains' row ranges."""
         groups = []
         for table, table_counts in counts.items():
             values = table_counts.double().numpy()
             for start, end in ranges[table]:
                 shard = values[start:end]
                 shard = shard[shard > 0]
-                groups.append(_ShardRates(table, end - start, -np.sort(-shard) / steps))
+                groups.append(_DomainRates(table, end - start, -np.sort(-shard) / steps))
         return cls(groups, steps)
 
     @classmethod
@@ -119,7 +119,7 @@ class AccessProfile:
             for start, end in ranges[table]:
                 inside = (unique_np >= start) & (unique_np < end)
                 rates = counts_np[inside] / sample_fraction / steps
-                groups.append(_ShardRates(table, end - start, -np.sort(-rates)))
+                groups.append(_DomainRates(table, end - start, -np.sort(-rates)))
         return cls(groups, steps)
 
     def top_share(self, fraction: float) -> float:

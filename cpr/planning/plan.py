@@ -61,7 +61,7 @@ def expected_pls(interval_hours: float, profile: ClusterProfile) -> float:
     """Expected portion of lost samples under partial recovery: T / (2 * N_shards * MTBF_job)."""
     if interval_hours <= 0:
         raise ValueError(f"interval_hours must be > 0, got {interval_hours}")
-    return interval_hours / (2.0 * profile.num_shards * profile.job_mtbf_hours)
+    return interval_hours / (2.0 * profile.num_domains * profile.job_mtbf_hours)
 
 
 def partial_interval(profile: ClusterProfile, target_pls: float) -> float:
@@ -70,7 +70,7 @@ def partial_interval(profile: ClusterProfile, target_pls: float) -> float:
     T = 2 * N_shards * MTBF_job * target_pls, clamped to [save time, job length].
     """
     _check_target(target_pls)
-    return _clamp(2.0 * profile.num_shards * profile.job_mtbf_hours * target_pls, profile)
+    return _clamp(2.0 * profile.num_domains * profile.job_mtbf_hours * target_pls, profile)
 
 
 def expected_lost_steps(interval_steps: int, total_steps: int) -> float:
@@ -104,7 +104,7 @@ def partial_interval_steps(profile: ClusterProfile, target_pls: float, total_ste
     """
     _check_target(target_pls)
     mtbf_steps = profile.job_mtbf_hours * total_steps / profile.job_hours
-    return longest_interval_steps(target_pls * profile.num_shards * mtbf_steps, total_steps)
+    return longest_interval_steps(target_pls * profile.num_domains * mtbf_steps, total_steps)
 
 
 def _mean_lost_steps(interval_steps: np.ndarray, total_steps: int) -> np.ndarray:
@@ -135,7 +135,7 @@ def partial_recovery_overhead(profile: ClusterProfile, interval_hours: float) ->
     failures_per_hour = 1.0 / profile.job_mtbf_hours
     return OverheadBreakdown(
         save=_hours(profile.save_seconds) / interval_hours,
-        load=_hours(profile.load_seconds) / profile.num_shards * failures_per_hour,
+        load=_hours(profile.load_seconds) / profile.num_domains * failures_per_hour,
         lost_compute=0.0,
         reschedule=_hours(profile.reschedule_seconds) * failures_per_hour,
     )

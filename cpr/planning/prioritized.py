@@ -95,14 +95,14 @@ class _Model:
             raise ValueError(f"row_bytes lacks tables {missing}")
         self.kind, self.access, self.total_steps = kind, access, total_steps
         self.hours_per_step, self.full_bytes, self.row_bytes = hours_per_step, full_bytes, row_bytes
-        self.num_shards = profile.num_shards
+        self.num_domains = profile.num_domains
         self.mtbf_steps = profile.job_mtbf_hours / hours_per_step
         # Everything the model's numbers depend on besides the access profile.
-        self.key = (kind, hours_per_step, total_steps, full_bytes, tuple(sorted(row_bytes.items())), self.num_shards,
+        self.key = (kind, hours_per_step, total_steps, full_bytes, tuple(sorted(row_bytes.items())), self.num_domains,
                     self.mtbf_steps)
 
     def pls(self, mean_age_steps: float) -> float:
-        return mean_age_steps / (self.num_shards * self.mtbf_steps)
+        return mean_age_steps / (self.num_domains * self.mtbf_steps)
 
     def bytes_per_hour(self, full_steps: int, subset_steps: int, subset_bytes: float) -> float:
         per_step = self.full_bytes / full_steps + (subset_bytes / subset_steps if subset_steps else 0.0)
@@ -254,7 +254,7 @@ def plan_prioritized(
     if not 0 < target_pls < 1:
         raise ValueError(f"target_pls must be in (0, 1), got {target_pls}")
     model = _Model(kind, access, profile, hours_per_step, total_steps, full_bytes, row_bytes)
-    max_age = target_pls * model.num_shards * model.mtbf_steps
+    max_age = target_pls * model.num_domains * model.mtbf_steps
     points = _points(model, knobs, subset_intervals)
     candidates: list[PrioritizedPlan] = []
     if full_interval_steps is not None:

@@ -14,7 +14,7 @@ class ClusterProfile:
 
     `mtbf_hours` is the MTBF of one node and `nodes` the job's node count, so the job fails every
     `job_mtbf_hours = mtbf_hours / nodes` on average (give `nodes=1` to state a per-job MTBF directly).
-    `num_shards` is the number of embedding parameter-server nodes; a failure loses one shard.
+    `num_domains` is the number of failure domains (embedding parameter-server nodes); a failure loses one.
     `save_seconds` / `load_seconds` are the times to write / read the whole checkpoint; `reschedule_seconds`
     is the time to replace a failed node. Inter-failure times follow `failure_distribution` with mean
     `job_mtbf_hours` ("weibull" with `weibull_shape`, "gamma" with `gamma_shape`; shape 1 is exponential).
@@ -32,7 +32,7 @@ class ClusterProfile:
     save_seconds: float
     load_seconds: float
     nodes: int = 1
-    num_shards: int = 1
+    num_domains: int = 1
     reschedule_seconds: float = 0.0
     failure_distribution: str = "exponential"
     weibull_shape: float = 1.0
@@ -42,8 +42,8 @@ class ClusterProfile:
         _require(self.job_hours > 0, f"job_hours must be > 0, got {self.job_hours}")
         _require(self.mtbf_hours > 0, f"mtbf_hours must be > 0, got {self.mtbf_hours}")
         _require(isinstance(self.nodes, int) and self.nodes >= 1, f"nodes must be an int >= 1, got {self.nodes!r}")
-        _require(isinstance(self.num_shards, int) and self.num_shards >= 1,
-                 f"num_shards must be an int >= 1, got {self.num_shards!r}")
+        _require(isinstance(self.num_domains, int) and self.num_domains >= 1,
+                 f"num_domains must be an int >= 1, got {self.num_domains!r}")
         # A save that takes no time would make the optimal interval zero.
         _require(self.save_seconds > 0, f"save_seconds must be > 0, got {self.save_seconds}")
         _require(self.load_seconds >= 0, f"load_seconds must be >= 0, got {self.load_seconds}")
@@ -84,11 +84,11 @@ def _require(condition: bool, message: str) -> None:
 
 _PRESETS = {
     "production": ClusterProfile(
-        job_hours=120.0, mtbf_hours=400.0, nodes=20, num_shards=16,
+        job_hours=120.0, mtbf_hours=400.0, nodes=20, num_domains=16,
         save_seconds=210.0, load_seconds=210.0, reschedule_seconds=60.0,
     ),
     "small-cluster": ClusterProfile(
-        job_hours=24.0, mtbf_hours=200.0, nodes=4, num_shards=4,
+        job_hours=24.0, mtbf_hours=200.0, nodes=4, num_domains=4,
         save_seconds=30.0, load_seconds=30.0, reschedule_seconds=30.0,
     ),
 }

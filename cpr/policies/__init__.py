@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContext, SavePlan
+from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContext, SaveDecision
 from cpr.policies.basic import FullRecoveryPolicy, NoCheckpointPolicy, PartialRecoveryPolicy
 from cpr.policies.prioritized import MFUPolicy, SCARPolicy, SSUPolicy
 
@@ -28,4 +28,4 @@ def make_policy(name: str, context: PolicyContext) -> CheckpointPolicy:
     return POLICY_FACTORIES[name](context)
 
 
-__all__ = ["CheckpointPolicy", "PeriodicFullPolicy", "PolicyContext", "SavePlan", "POLICY_NAMES", "make_policy"]
+__all__ = ["CheckpointPolicy", "PeriodicFullPolicy", "PolicyContext", "SaveDecision", "POLICY_NAMES", "make_policy"]

@@ -1,8 +1,8 @@
 """The policy interface: a policy decides *what* to save at a step and *how* a failure is recovered.
 
 Policies never touch tensors or files. `CPRCheckpointer` asks `decide(step)` after every training step and
-turns a `SavePlan` into a storage write; on a failure it reads `recovery` to choose between rolling the
-whole job back (`"full"`) and reloading only the failed shards' rows (`"partial"`).
+turns a `SaveDecision` into a storage write; on a failure it reads `recovery` to choose between rolling the
+whole job back (`"full"`) and reloading only the failed domains' rows (`"partial"`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cpr.planning import partial_interval_steps
 if TYPE_CHECKING:
     from cpr.comm import Coordinator
     from cpr.planning import ClusterProfile, PlanResult
-    from cpr.shards import ShardLayout
+    from cpr.domains import DomainLayout
     from cpr.tables import EmbeddingTables
     from cpr.tracking import AccessTracker
 
@@ -27,7 +27,7 @@ RecoveryKind = Literal["none", "full", "partial"]
 
 
 @dataclass(frozen=True)
-class SavePlan:
+class SaveDecision:
     """One save: every row of every table (`full`), or for `subset` the local row ids per table."""
 
     kind: SaveKind
@@ -65,7 +65,7 @@ class PolicyContext:
     hours_per_step: float
     interval_steps: int | None
     tracker: "AccessTracker"
-    layout: "ShardLayout"
+    layout: "DomainLayout"
     tables: "EmbeddingTables"
     options: Mapping[str, Any] = field(default_factory=dict)
     coordinator: "Coordinator | None" = None  # plans that must agree across ranks gather through it
@@ -90,17 +90,17 @@ class CheckpointPolicy(ABC):
         """See a batch's lookups (after the shared tracker has counted them); for policies with state
         of their own, such as SSU's sampled ids."""
 
-    def after_save(self, plan: SavePlan) -> None:
+    def after_save(self, plan: SaveDecision) -> None:
         """Told when the checkpointer has taken the snapshot of a save this policy decided (its write and
         commit may still be under way; a full save the policy decided may have been written as a
-        differential one: see `SavePlan.saves_every_row`)."""
+        differential one: see `SaveDecision.saves_every_row`)."""
 
-    def save_failed(self, plan: SavePlan) -> None:
+    def save_failed(self, plan: SaveDecision) -> None:
         """Told when a save this policy decided could not be written and was abandoned: what `after_save`
         assumed is undone, so the next decision retries."""
 
     @abstractmethod
-    def decide(self, step: int) -> SavePlan | None:
+    def decide(self, step: int) -> SaveDecision | None:
         """The save to make now that `step` training steps are done, or None."""
 
     def settings(self) -> dict[str, Any]:
@@ -119,9 +119,9 @@ class CheckpointPolicy(ABC):
         """Memory the policy keeps to decide (e.g. access counters), beyond the model."""
         return 0
 
-    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+    def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
         """Expected portion of lost row-updates after `failures` failures at uniformly random steps of a
-        `total_steps` run, each taking one of `num_shards` shards back to its newest saved rows."""
+        `total_steps` run, each taking one of `num_domains` domains back to its newest saved rows."""
         return 0.0
 
 
@@ -133,15 +133,15 @@ class PeriodicFullPolicy(CheckpointPolicy):
             raise ValueError(f"interval_steps must be >= 0, got {interval_steps}")
         self.interval_steps = interval_steps
 
-    def decide(self, step: int) -> SavePlan | None:
+    def decide(self, step: int) -> SaveDecision | None:
         if self.interval_steps and step > 0 and step % self.interval_steps == 0:
-            return SavePlan("full", reason=f"every {self.interval_steps} steps")
+            return SaveDecision("full", reason=f"every {self.interval_steps} steps")
         return None
 
     def settings(self) -> dict[str, Any]:
         return {"interval_steps": self.interval_steps}
 
-    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
-        # A failure at a uniformly random step loses on average half an interval of its shard's updates,
-        # and a shard takes 1/num_shards of them: T / (2 * N * MTBF) with MTBF = total_steps / failures.
-        return failures * self.interval_steps / (2 * num_shards * total_steps)
+    def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
+        # A failure at a uniformly random step loses on average half an interval of its domain's updates,
+        # and a domain takes 1/num_domains of them: T / (2 * N * MTBF) with MTBF = total_steps / failures.
+        return failures * self.interval_steps / (2 * num_domains * total_steps)

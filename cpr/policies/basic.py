@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cpr.planning import expected_lost_steps
-from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, SavePlan
+from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, SaveDecision
 
 
 class NoCheckpointPolicy(CheckpointPolicy):
@@ -11,7 +11,7 @@ class NoCheckpointPolicy(CheckpointPolicy):
     name = "none"
     recovery = "none"
 
-    def decide(self, step: int) -> SavePlan | None:
+    def decide(self, step: int) -> SaveDecision | None:
         return None
 
 
@@ -24,14 +24,14 @@ class FullRecoveryPolicy(PeriodicFullPolicy):
 
 
 class PartialRecoveryPolicy(PeriodicFullPolicy):
-    """Periodic full saves; a failure reloads only the failed shards' rows and their optimizer state.
-    The dense model, the other shards and the reader go on; the failed shards' updates since the save
+    """Periodic full saves; a failure reloads only the failed domains' rows and their optimizer state.
+    The dense model, the other domains and the reader go on; the failed domains' updates since the save
     are lost (the interval is the longest whose expected PLS meets the target)."""
 
     name = "partial"
     recovery = "partial"
 
-    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+    def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
         # Saves and failures both fall on step ends, so a failure finds the shard 0 .. T-1 steps past its
         # save: about (T - 1) / 2, not the continuous T / 2 (10% less at T = 11).
-        return failures * expected_lost_steps(self.interval_steps, total_steps) / (num_shards * total_steps)
+        return failures * expected_lost_steps(self.interval_steps, total_steps) / (num_domains * total_steps)

@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cpr.planning import expected_lost_steps
 from cpr.planning.prioritized import AccessProfile, PrioritizedPlan, plan_prioritized
-from cpr.policies.base import CheckpointPolicy, PolicyContext, SavePlan
+from cpr.policies.base import CheckpointPolicy, PolicyContext, SaveDecision
 from cpr.tables import EmbeddingTables
 
 CALIBRATION_FRACTION = 0.05
@@ -37,7 +37,7 @@ def subset_row_bytes(tables: EmbeddingTables) -> dict[str, int]:
 
 class _AgeMeter:
     """The ages a failure would really find. After every step it takes the accesses not yet saved (the
-    checkpointer's counters summed over every row: what failing all shards at once would lose), that
+    checkpointer's counters summed over every row: what failing all domains at once would lose), that
     step's accesses, and what the plan's model predicted for the step; sums over steps make the access-
     weighted mean age measured over the run (`measured_age`) and its ratio to the model (`correction`)."""
 
@@ -127,13 +127,13 @@ class PrioritizedPolicy(CheckpointPolicy):
     def _age_per_pls(self) -> float:
         """N * M in steps: PLS = A / (N * M)."""
         ctx = self.context
-        return ctx.profile.num_shards * ctx.profile.job_mtbf_hours / ctx.hours_per_step
+        return ctx.profile.num_domains * ctx.profile.job_mtbf_hours / ctx.hours_per_step
 
     # -- deciding ----------------------------------------------------------------------------------------
     def observe(self, kjt: KeyedJaggedTensor) -> None:
         self._step_accesses += kjt.values().numel()
 
-    def decide(self, step: int) -> SavePlan | None:
+    def decide(self, step: int) -> SaveDecision | None:
         self._fold_previous_step()
         self._step = step
         if self.plan is None and step >= self.calibration_step:
@@ -143,19 +143,19 @@ class PrioritizedPolicy(CheckpointPolicy):
         self._pending_unsaved = self._unsaved()
         since_full = step - self._last_full
         if since_full >= self.full_interval_steps:
-            return SavePlan("full", reason=f"every {self.full_interval_steps} steps")
+            return SaveDecision("full", reason=f"every {self.full_interval_steps} steps")
         if self.subset_interval_steps and since_full % self.subset_interval_steps == 0:
             # Returned even when empty here: in a multi-rank job the save is collective and other ranks
             # may have rows to save; the checkpointer skips a subset that is empty everywhere.
-            return SavePlan("subset", rows=self.select_rows(), reason=f"{self.name} rows every {self.subset_interval_steps} steps")
+            return SaveDecision("subset", rows=self.select_rows(), reason=f"{self.name} rows every {self.subset_interval_steps} steps")
         return None
 
-    def after_save(self, plan: SavePlan) -> None:
+    def after_save(self, plan: SaveDecision) -> None:
         if plan.saves_every_row:
             self._previous_full, self._last_full = self._last_full, plan.step
         self._pending_unsaved = self._unsaved()
 
-    def save_failed(self, plan: SavePlan) -> None:
+    def save_failed(self, plan: SaveDecision) -> None:
         if plan.saves_every_row and self._last_full == plan.step:
             self._last_full = self._previous_full  # the full save is due again: the next step retries it
 
@@ -297,7 +297,7 @@ class PrioritizedPolicy(CheckpointPolicy):
     def select_rows(self) -> dict[str, torch.Tensor]:
         """Local row ids to save now per table (tables with no rows left out)."""
 
-    def _per_shard(self, pick: Callable[[str, tuple[int, int]], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _per_domain(self, pick: Callable[[str, tuple[int, int]], torch.Tensor]) -> dict[str, torch.Tensor]:
         """`pick(table, shard_range)` for every shard of every table, concatenated per table."""
         rows = {}
         for table, ranges in self.context.layout.ranges.items():
@@ -314,9 +314,9 @@ class PrioritizedPolicy(CheckpointPolicy):
             return expected_lost_steps(self.full_interval_steps, self.context.total_steps)
         return self._promised_age
 
-    def expected_pls(self, failures: int, num_shards: int, total_steps: int) -> float:
+    def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
         # Each failure loses, on average, the accesses of one shard's rows over their mean age.
-        return failures * self.mean_age_steps() / (num_shards * total_steps)
+        return failures * self.mean_age_steps() / (num_domains * total_steps)
 
     def settings(self) -> dict[str, Any]:
         self._fold_previous_step()

@@ -9,7 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cpr.planning.prioritized import AccessProfile, PrioritizedPlan
-from cpr.policies.base import PolicyContext, SavePlan
+from cpr.policies.base import PolicyContext, SaveDecision
 from cpr.policies.prioritized_base import PrioritizedPolicy
 from cpr.tracking import AccessTracker
 
@@ -114,7 +114,7 @@ class SSUPolicy(PrioritizedPolicy):
         self._catch_up = False
         return rows
 
-    def after_save(self, plan: SavePlan) -> None:
+    def after_save(self, plan: SaveDecision) -> None:
         super().after_save(plan)
         if plan.saves_every_row and self.tracker is not None:
             for table in self._tables:  # every row was just saved: earlier samples are stale

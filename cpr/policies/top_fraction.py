@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from cpr.planning.prioritized import AccessProfile, PrioritizedPlan
-from cpr.policies.base import PolicyContext, SavePlan
+from cpr.policies.base import PolicyContext, SaveDecision
 from cpr.policies.prioritized_base import PrioritizedPolicy
 
 
@@ -40,7 +40,7 @@ class MFUPolicy(_TopFractionPolicy):
 
     def select_rows(self) -> dict[str, torch.Tensor]:
         tracker = self.context.tracker
-        return self._per_shard(lambda table, r: tracker.hottest(table, fraction=self.fraction, row_range=r))
+        return self._per_domain(lambda table, r: tracker.hottest(table, fraction=self.fraction, row_range=r))
 
     def memory_bytes(self) -> int:
         return self.context.tracker.memory_breakdown()["counters"]
@@ -72,9 +72,9 @@ class SCARPolicy(_TopFractionPolicy):
             k = min(math.ceil(self.fraction * (end - start)), int((moved > 0).sum()))
             return (torch.topk(moved, k).indices + start).sort().values
 
-        return self._per_shard(farthest)
+        return self._per_domain(farthest)
 
-    def after_save(self, plan: SavePlan) -> None:
+    def after_save(self, plan: SaveDecision) -> None:
         super().after_save(plan)
         with torch.no_grad():
             if plan.saves_every_row:

@@ -1,7 +1,7 @@
 """Crash-consistent multi-part checkpoint folders: raw tensor files described by JSON manifests, one
 commit record per save."""
 from .compose import CheckpointMismatchError, RestoredDomain, check_part_rows, load_newest, restore_domain
-from .errors import CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
+from cpr.errors import CorruptCheckpointError, DirectoryLockedError, UnwritableDirectoryError
 from .manifest import Manifest, TableMeta, TensorEntry
 from .store import (
     DENSE_PART,

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from cpr.errors import CorruptCheckpointError
 from .location import Folder
 from .manifest import SAVE_KINDS
 from .sealing import CHECKSUM_FIELD, read_text, sealed, strict_json, verify_sealed

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorruptCheckpointError
+from cpr.errors import CheckpointMismatchError, CorruptCheckpointError, SkippedSaveWarning
+
 from .names import ids_name, state_name, weight_name
-from .store import CheckpointStore, LoadedPart, SaveInfo, SkippedSaveWarning
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint written by a job of another shape (world size, sharding plan, tables)."""
+from .store import CheckpointStore, LoadedPart, SaveInfo
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 
-from .errors import CorruptCheckpointError
+from cpr.errors import CorruptCheckpointError
 from .location import Folder, RemoteFolder
 
 # A single path component of safe characters that is not hidden, "." or "..".

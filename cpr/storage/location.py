@@ -90,11 +90,11 @@ def make_durable(file: IO[bytes]) -> None:
         os.fsync(file.fileno())
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing dirty pages out, do not wait
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writing dirty pages out, do not wait
 
 
 @functools.cache
-def _sync_file_range() -> Any:
+def sync_file_range() -> Any:
     """libc's sync_file_range (Linux; None elsewhere: Python's os module does not offer it)."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
@@ -109,11 +109,11 @@ def start_writeback(file: IO[bytes]) -> None:
     in large records then overlaps its disk writes with the next records' copies, and its fsync at the end
     finds most of the file on disk (measured here: 17 files of 384 MB in all, each fsynced when written,
     went 1.45x faster so). A hint only: nothing happens remotely or where the call is missing."""
-    function = _sync_file_range()
+    function = sync_file_range()
     if function is None or not isinstance(file, io.BufferedWriter):
         return
     file.flush()
-    function(file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file; an error changes nothing
+    function(file.fileno(), 0, 0, SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file; an error changes nothing
 
 
 def sync_folder(path: Folder) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import DirectoryLockedError
+from cpr.errors import DirectoryLockedError
 
 LOCK_FILE = ".lock"
 _TAG = re.compile(r"-([0-9a-f]{16})-(\d+)-[0-9a-f]{8}$")  # <token>-<pid>-<unique> at the end of a folder name

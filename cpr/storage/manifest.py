@@ -19,7 +19,7 @@ import torch
 
 from . import codecs, files, location
 from .location import Folder
-from .errors import CorruptCheckpointError
+from cpr.errors import CorruptCheckpointError
 from .sealing import (  # noqa: F401  (the sealed-JSON helpers and limits: re-exported, as before)
     CHECKSUM_FIELD,
     MAX_JSON_DEPTH,

@@ -16,3 +16,7 @@ def state_name(table: str, state: str) -> str:
 def ids_name(table: str) -> str:
     """A subset part's row ids of `table`, relative to the first row the part's domain holds."""
     return f"emb/{table}/ids"
+
+
+# A policy's state tensors in the dense part of a full save: `policy/<key>`.
+POLICY_PREFIX = "policy/"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files
-from .errors import CorruptCheckpointError
+from cpr.errors import CorruptCheckpointError
 from .location import Folder
 
 CHECKSUM_FIELD = "checksum"

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from cpr.errors import CorruptCheckpointError, SkippedSaveWarning, UnwritableDirectoryError
+
 from . import location, tensor_io
 from .checks import _check_layout, _check_rows
 from .commit import (  # noqa: F401  (COMMIT_VERSION, DENSE_PART, domain_part: re-exported, as before)
@@ -52,19 +54,14 @@ from .commit import (  # noqa: F401  (COMMIT_VERSION, DENSE_PART, domain_part: r
     save_folder_name,
 )
 from .dcp_format import CHUNKS, Chunk, write_metadata
-from .errors import CorruptCheckpointError, UnwritableDirectoryError
 from .location import Folder
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
-from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, file_size
+from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, TensorEntry, file_size
 from .sealing import read_text
 
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 TENSOR_FILE = "tensors.bin"
-
-
-class SkippedSaveWarning(UserWarning):
-    """A save was passed over because it is corrupt; an older one is used instead."""
 
 
 @dataclass(frozen=True)
@@ -182,8 +179,7 @@ class CheckpointStore:
         try:
             folder.mkdir()
             # Full saves are DCP checkpoints: each tensor a torch.save serialization (see dcp_format.py).
-            entries = tensor_io.write_tensors(folder / TENSOR_FILE, content.tensors, content.codecs,
-                                              torch_save=kind == "full")
+            entries = self.write_tensors(folder / TENSOR_FILE, content, torch_save=kind == "full")
             extra = {**content.extra, "part": part}
             if content.chunks:
                 extra[CHUNKS] = {name: chunk.to_json() for name, chunk in content.chunks.items()}
@@ -203,6 +199,11 @@ class CheckpointStore:
                        f"{self.directory} are untouched")
             raise
         return WrittenPart(PartRecord(checksum=zlib.crc32(text), nbytes=manifest.nbytes), manifest)
+
+    def write_tensors(self, path: Folder, content: PartContent, torch_save: bool) -> list[TensorEntry]:
+        """Write a part's tensors into its one file and make it durable (see `tensor_io.write_tensors`); a
+        subclass may wrap it (a failure here is a failure of the part's write)."""
+        return tensor_io.write_tensors(path, content.tensors, content.codecs, torch_save=torch_save)
 
     def commit(self, staging: Folder, step: int, kind: str, policy: str, parts: Mapping[str, WrittenPart],
                world_size: int = 1, domain_mode: str = "virtual", num_domains: int = 1,

@@ -29,7 +29,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from . import codecs, files, location
-from .errors import CorruptCheckpointError
+from cpr.errors import CorruptCheckpointError
 from .location import Folder
 from .manifest import DTYPES, TensorEntry
 

@@ -1,16 +1,17 @@
 """Real failures: a rank's process dies, a replacement joins, and the survivors keep their memory.
 
-`ElasticJob` owns one worker's side of the recovery state machine of a job run under `cpr.supervisor`
+`ElasticJob` owns one worker's side of the recovery state machine of a job run under the supervisor
 (`python -m cpr.run`, `python -m cpr.train --nproc N`):
 
     training --(a peer dies: a collective fails)--> leave the broken group --(the supervisor opens the
     next generation)--> join it --> rebuild the model with the same plan around the new group -->
     survivors: `CPRCheckpointer.reattach` (state copied in memory); replacement: a joining checkpointer
-    --> `CPRCheckpointer.rejoin` (collective: partial or full recovery) --> training
+    --> `CPRCheckpointer.rejoin` (collective: partial or full recovery, `cpr.recovery.rejoin`) --> training
 
 The step in flight when the peer died is dropped (its updates are not trained again) and counted. A death
 during any of it (the replacement dying while it joins, a second kill) starts the cycle again in the next
 generation; every wait is bounded. Without a supervisor the job is a plain run: same code, no healing.
+`JobHooks` are told of each transition (tests inject faults there; users can monitor).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -27,9 +29,12 @@ from torch import nn
 from torchrec.distributed import collective_utils as torchrec_collectives
 
 from cpr.accounting import RecoveryRecord
-from cpr.checkpointer import CPRCheckpointer, RecoveryError, RejoinResult
-from cpr.comm import CoordinationError, release_process_group
-from cpr.membership import Membership, MembershipError
+from cpr.checkpointer import CPRCheckpointer
+from cpr.comm import release_process_group
+from cpr.errors import CoordinationError, MembershipError, RecoveryError
+
+from .membership import Membership
+from .records import HealTimes, record_recoveries
 
 # How long a rank whose collective failed waits for a supervisor to report a death before it takes the
 # error for what it is (a supervisor sees a death within a fraction of a second).
@@ -49,6 +54,35 @@ def is_peer_failure(error: BaseException) -> bool:
     return type(error) is RuntimeError and any(s in message for s in ("gloo", "Connection", "NCCL", "connection"))
 
 
+class JobHooks:
+    """Told of the transitions of an `ElasticJob` (subclass and override what you need; each is a no-op).
+
+    `has_state`: whether this process keeps its state across the transition (a survivor) or has none yet (a
+    replacement, or a process whose first group broke before the job's first save)."""
+
+    def before_heal(self, job: ElasticJob, has_state: bool) -> None:
+        """A peer's death was noticed; the job is about to leave its broken group."""
+
+    def after_heal(self, job: ElasticJob, has_state: bool) -> None:
+        """The job trains again in a re-formed group (`job.heals` counts this heal)."""
+
+    def before_join(self, job: ElasticJob, has_state: bool) -> None:
+        """This process is about to join the newest generation's group."""
+
+    def after_form(self, job: ElasticJob, has_state: bool) -> None:
+        """This process's state is in the group it joined (after the rejoin, in a later generation)."""
+
+
+@dataclass
+class StepOutcome:
+    """What became of a step run under `ElasticJob.training_step`: `healed` if a peer died meanwhile (the step
+    was dropped and the job healed: re-read `job.model` and `job.optimizer`, and re-create batch iterators,
+    since full recovery rewinds the reader), with the `recoveries` recorded for it."""
+
+    healed: bool = False
+    recoveries: list[RecoveryRecord] = field(default_factory=list)
+
+
 class ElasticJob:
     """One worker of a supervised job whose ranks may die and be replaced one at a time.
 
@@ -62,18 +96,21 @@ class ElasticJob:
             supervisor started the process: then nothing is healed).
         kills: injected failures, (step, rank): that rank's process SIGKILLs itself as it starts that step,
             once per job.
+        hooks: told of every transition (see `JobHooks`).
     """
 
     def __init__(self, build: ModelBuilder, checkpointer: CheckpointerFactory, membership: Membership | None = None,
-                 kills: Iterable[tuple[int, int]] = ()) -> None:
+                 kills: Iterable[tuple[int, int]] = (), hooks: JobHooks | None = None) -> None:
         self._build, self._make_checkpointer = build, checkpointer
         self.membership = membership if membership is not None else Membership.from_env()
         self.kills = frozenset(kills)
+        self.hooks = hooks or JobHooks()
         self.heals = 0  # how many times this process re-formed its group after a death
         self.replacement = False  # whether this process replaced a dead one (it joined a running job)
         self.ckpt: CPRCheckpointer | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._noticed: float | None = None
         if self.membership is None:
             self.model, self.optimizer = build()
             self.ckpt = checkpointer(self.model, self.optimizer, False)
@@ -106,22 +143,23 @@ class ElasticJob:
             release_process_group()
 
     @contextmanager
-    def training_step(self) -> Iterator[None]:
+    def training_step(self) -> Iterator[StepOutcome]:
         """Wrap one training step (forward, backward, optimizer step and `ckpt.step()`). If a peer dies
-        meanwhile, the step is dropped and the job healed before this returns (`heals` goes up: re-read
-        `model` and `optimizer`, and re-create batch iterators, since full recovery rewinds the reader)."""
+        meanwhile, the step is dropped and the job healed before this returns: the outcome says so."""
+        outcome = StepOutcome()
         if self.membership is None:
-            yield
+            yield outcome
             return
         self._inject_kill(self.ckpt.global_step + 1)
-        started_at = self.ckpt.global_step
+        started_at, recorded = self.ckpt.global_step, len(self.ckpt.ledger.recoveries)
         try:
-            yield
+            yield outcome
         except RuntimeError as err:
             if not is_peer_failure(err):
                 raise
             # A failure inside `ckpt.step()` comes after the step's own updates: then nothing is dropped.
             self._heal(err, has_state=True, dropped_steps=1 if self.ckpt.global_step == started_at else 0)
+            outcome.healed, outcome.recoveries = True, self.ckpt.ledger.recoveries[recorded:]
             return
         self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
 
@@ -136,6 +174,7 @@ class ElasticJob:
     def _heal(self, error: BaseException, has_state: bool, dropped_steps: int) -> None:
         """Leave the broken group, wait for the supervisor's next generation and form it; again on every
         further death meanwhile. Re-raises `error` when no death is reported (it was not a peer's)."""
+        self.hooks.before_heal(self, has_state and self.ckpt is not None)
         self._noticed = time.time()
         while True:
             generation = self.membership.generation
@@ -145,6 +184,7 @@ class ElasticJob:
             try:
                 self._form(has_state, dropped_steps)
                 self.heals += 1
+                self.hooks.after_heal(self, has_state)
                 return
             except RuntimeError as err:
                 # Whatever forming the group raised (a dead peer surfaces as gloo, store or c10d errors alike),
@@ -156,6 +196,7 @@ class ElasticJob:
 
     def _form(self, has_state: bool, dropped_steps: int) -> None:
         """Join the newest generation, build the model on its group and bring this rank's state into it."""
+        self.hooks.before_join(self, has_state)
         started = time.time()
         generation = self.membership.join()
         joined = time.time()
@@ -178,40 +219,8 @@ class ElasticJob:
         if generation > 0:
             progress = {rank: self.membership.progress(rank) for rank in range(self.membership.world_size)}
             result = self.ckpt.rejoin(has_state, progress)
-            self._record(result, dropped_steps, {"noticed": self._noticed if has_state else None, "started": started,
-                                                 "joined": joined, "built": built, "restored": time.time()})
+            times = HealTimes(noticed=self._noticed if has_state else None, started=started, joined=joined,
+                              built=built, restored=time.time())
+            record_recoveries(self.ckpt, self.membership, result, dropped_steps, times)
         self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
-
-    def _record(self, result: RejoinResult, dropped_steps: int, times: dict[str, float | None]) -> None:
-        """Every rank records the same `RecoveryRecord` per death this rejoin answered, with where the time
-        went (see `RecoveryRecord.phases`)."""
-        ckpt = self.ckpt
-        done = ckpt.coordinator.all_gather((times["restored"], result.bytes_read, ckpt.tables.nbytes(), dropped_steps, times),
-                                            site="heal.times")
-        survivors = [rank for rank in range(len(done)) if rank not in result.replaced]
-        last = max((r.generation for r in ckpt.ledger.recoveries), default=0)
-        dropped = max(d[3] for d in done)
-        for death in self.membership.deaths_since(last):
-            own = done[death.rank][4]
-            noticed = [done[r][4]["noticed"] for r in survivors if done[r][4]["noticed"] is not None]
-            phases = {
-                "survivors_notice": max(noticed) - death.time if noticed else None,
-                "replacement_start": own["started"] - death.time,  # process start, imports, data
-                "rendezvous": own["joined"] - own["started"],
-                "build": max(d[4]["built"] - d[4]["joined"] for d in done),
-                "restore": max(d[4]["restored"] - d[4]["built"] for d in done),
-            }
-            record = RecoveryRecord(
-                rank=death.rank, step=result.failed_at + dropped, kind=result.kind,
-                generation=death.generation,
-                seconds_to_resume=max((done[r][0] for r in survivors), default=done[death.rank][0]) - death.time,
-                seconds_to_rejoin=done[death.rank][0] - death.time,
-                bytes_read=done[death.rank][1], own_bytes=done[death.rank][2],
-                survivor_bytes_read=sum(done[r][1] for r in survivors),
-                dropped_steps=dropped, resumed_at=result.step, phases=phases,
-            )
-            ckpt.ledger.record_recovery(record)
-            if ckpt.coordinator.is_coordinator:
-                print(f"rank {record.rank} died at step {record.step}: {record.kind} recovery, training resumed at "
-                      f"step {record.resumed_at} after {record.seconds_to_resume:.1f} s (replacement read "
-                      f"{record.bytes_read:,} bytes, survivors {record.survivor_bytes_read:,})", file=sys.stderr, flush=True)
+        self.hooks.after_form(self, has_state)

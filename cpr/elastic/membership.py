@@ -1,54 +1,26 @@
 """A worker's side of a supervised job: the store it shares with the supervisors, and its generations.
 
-The supervisor (`cpr.supervisor`) hosts a `torch.distributed.TCPStore` outside the workers, so no worker is
+The supervisor (`supervisor.py`) hosts a `torch.distributed.TCPStore` outside the workers, so no worker is
 a single point of failure for it, and starts each worker with `CPR_STORE=host:port`, `RANK` and
 `WORLD_SIZE`. Each time a worker dies the supervisor records the death and bumps the store's *generation*;
-the workers of a generation form one process group (keys under `pg/<generation>/`), a rendezvous that
-waits until every rank of the newest generation has arrived. Everything here waits a bounded time.
-
-Store keys (all small strings):
-  generation          the newest generation (supervisors `add` to it)
-  deaths, death/<n>   how many workers died, and each death: {"rank", "time", "returncode", "generation"}
-  here/<g>/<rank>     the rank arrived for generation g
-  progress/<rank>     the rank's "updates,unsaved" after its last finished step (what its death loses)
-  kill/<step>:<rank>  an injected kill that already happened (each happens once)
-  finished/<rank>     the rank's work is done: its process ending now, however, is not a failure
-  stop                why a supervisor stopped the job (workers waiting for a generation give up)
+the workers of a generation form one process group, a rendezvous that waits until every rank of the newest
+generation has arrived. The store's keys are in `keys.py`. Everything here waits a bounded time.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-STORE_ENV = "CPR_STORE"
+from cpr.errors import MembershipError
+
+from . import keys
+from .keys import STORE_ENV, Death, parse_endpoint
+
 REJOIN_TIMEOUT_S = float(os.environ.get("CPR_REJOIN_TIMEOUT_S", "120"))
 _POLL_S = 0.02
-
-
-class MembershipError(RuntimeError):
-    """The job could not (re-)form its process group in time, or a supervisor stopped it."""
-
-
-@dataclass(frozen=True)
-class Death:
-    """A worker process that ended with a non-zero code, as its supervisor saw it."""
-
-    rank: int
-    time: float  # time.time() on the supervisor's host
-    returncode: int
-    generation: int  # the generation its replacement joins
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"store endpoint {endpoint!r} is not HOST:PORT")
-    return host, int(port)
 
 
 def connect(endpoint: str, timeout_s: float = REJOIN_TIMEOUT_S) -> dist.TCPStore:
@@ -88,11 +60,11 @@ class Membership:
 
     # -- generations -------------------------------------------------------------------------------------
     def newest_generation(self) -> int:
-        return int(self.store.get("generation"))
+        return int(self.store.get(keys.GENERATION))
 
     def _check_stopped(self) -> None:
-        if self.store.check(["stop"]):
-            raise MembershipError(f"rank {self.rank}: the supervisor stopped the job: {self.store.get('stop').decode()}")
+        if self.store.check([keys.STOP]):
+            raise MembershipError(f"rank {self.rank}: the supervisor stopped the job: {self.store.get(keys.STOP).decode()}")
 
     def join(self) -> int:
         """Form the default process group with every rank of the newest generation and return it. A death
@@ -101,20 +73,21 @@ class Membership:
         deadline = time.monotonic() + self.rejoin_timeout_s
         while True:
             generation = self.newest_generation()
-            self.store.set(f"here/{generation}/{self.rank}", "1")
-            arrived = [f"here/{generation}/{rank}" for rank in range(self.world_size)]
-            while not self.store.check(arrived) and self.newest_generation() == generation:
+            here = {rank: keys.HERE.format(generation=generation, rank=rank) for rank in range(self.world_size)}
+            self.store.set(here[self.rank], "1")
+            while not self.store.check(list(here.values())) and self.newest_generation() == generation:
                 self._check_stopped()
                 if time.monotonic() > deadline:
-                    missing = [rank for rank in range(self.world_size) if not self.store.check([f"here/{generation}/{rank}"])]
+                    missing = [rank for rank, key in here.items() if not self.store.check([key])]
                     raise MembershipError(f"rank {self.rank}: ranks {missing} did not join generation {generation} "
                                           f"within {self.rejoin_timeout_s:.0f} s")
                 time.sleep(_POLL_S)
             if self.newest_generation() != generation:
                 continue  # another death meanwhile: its replacement joins the next generation
             self.generation = generation  # also when forming the group fails: the next one is past it
-            dist.init_process_group(self.backend, store=dist.PrefixStore(f"pg/{generation}", self.store),
-                                    rank=self.rank, world_size=self.world_size, timeout=self.collective_timeout)
+            group_store = dist.PrefixStore(keys.PROCESS_GROUP.format(generation=generation), self.store)
+            dist.init_process_group(self.backend, store=group_store, rank=self.rank, world_size=self.world_size,
+                                    timeout=self.collective_timeout)
             return generation
 
     def leave(self) -> None:
@@ -136,26 +109,26 @@ class Membership:
 
     def deaths_since(self, generation: int) -> list[Death]:
         """The deaths whose replacements joined a generation after `generation`, oldest first."""
-        count = int(self.store.add("deaths", 0))
-        deaths = [Death(**json.loads(self.store.get(f"death/{n}"))) for n in range(1, count + 1)]
+        count = int(self.store.add(keys.DEATHS, 0))
+        deaths = [Death.from_json(self.store.get(keys.DEATH.format(n=n))) for n in range(1, count + 1)]
         return [d for d in deaths if d.generation > generation]
 
     # -- what a death would lose, and injected deaths ------------------------------------------------------
     def publish_progress(self, updates: int, unsaved: int) -> None:
-        self.store.set(f"progress/{self.rank}", f"{updates},{unsaved}")
+        self.store.set(keys.PROGRESS.format(rank=self.rank), f"{updates},{unsaved}")
 
     def progress(self, rank: int) -> tuple[int, int]:
         """(row-updates served, updates since their rows' saves) that `rank` last published; zeros if none."""
-        if not self.store.check([f"progress/{rank}"]):
+        if not self.store.check([keys.PROGRESS.format(rank=rank)]):
             return 0, 0
-        updates, unsaved = self.store.get(f"progress/{rank}").decode().split(",")
+        updates, unsaved = self.store.get(keys.PROGRESS.format(rank=rank)).decode().split(",")
         return int(updates), int(unsaved)
 
     def mark_finished(self) -> None:
         """This rank's work is done (see `Supervisor`: a later death is not replaced)."""
-        self.store.set(f"finished/{self.rank}", "1")
+        self.store.set(keys.FINISHED.format(rank=self.rank), "1")
 
     def claim_kill(self, step: int) -> bool:
         """True once per (step, rank): whether the injected kill of this rank at `step` is still to happen
         (a replacement, or full recovery training the step again, must not repeat it)."""
-        return int(self.store.add(f"kill/{step}:{self.rank}", 1)) == 1
+        return int(self.store.add(keys.KILL.format(step=step, rank=self.rank), 1)) == 1

@@ -4,8 +4,8 @@ torchrun's elastic agent restarts every worker of the job when one fails; a shar
 replica to heal from, so restarting everyone would throw away every survivor's memory. Here the supervisor
 keeps the survivors running: when a worker dies it records the death in the job's store, bumps the store's
 generation and starts one replacement with the same rank. Survivors notice (their next collective fails),
-re-form the process group of the new generation with the replacement (`cpr.membership`), and CPR restores
-only the replacement's rows (`cpr.elastic`).
+re-form the process group of the new generation with the replacement (`membership.py`), and CPR restores
+only the replacement's rows (`job.py`).
 
 One supervisor per node. Node 0's hosts the job's `TCPStore` (outside the workers, so a worker's death never
 takes the store with it); the others connect to it (`endpoint`, like torchrun's `--rdzv-endpoint`).
@@ -14,7 +14,6 @@ that dies more than `max_restarts` times stops the whole job with a message.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,9 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from cpr.membership import STORE_ENV, connect, parse_endpoint
+from . import keys
+from .keys import STORE_ENV, Death, parse_endpoint
+from .membership import connect
 
 USAGE_EXIT = 2  # what `python -m cpr.train` returns after one clear message: retrying cannot help
 _POLL_S = 0.02
@@ -61,7 +62,7 @@ class Supervisor:
         host, port = parse_endpoint(endpoint) if endpoint else ("127.0.0.1", 0)
         if node_rank == 0:
             self.store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False)
-            self.store.set("generation", "0")
+            self.store.set(keys.GENERATION, "0")
         else:
             self.store = connect(f"{host}:{port}", timeout_s=300)
         self.endpoint = f"{host}:{self.store.port}"
@@ -100,8 +101,8 @@ class Supervisor:
     def _watch(self) -> int:
         finished: set[int] = set()
         while len(finished) < self.nproc:
-            if self.store.check(["stop"]):
-                return self._fail(f"another node stopped the job: {self.store.get('stop').decode()}", announce=False)
+            if self.store.check([keys.STOP]):
+                return self._fail(f"another node stopped the job: {self.store.get(keys.STOP).decode()}", announce=False)
             dead = self._reap(finished)
             if dead:
                 time.sleep(_SIMULTANEOUS_S)  # a node losing power takes several workers at once
@@ -118,10 +119,10 @@ class Supervisor:
                                       f"(--max-restarts {self.max_restarts}) is reached")
                 self._replace(dead)
             time.sleep(_POLL_S)
-        self.store.set(f"done/{self.node_rank}", "1")
+        self.store.set(keys.DONE.format(node=self.node_rank), "1")
         if self.node_rank == 0:  # the store lives here: keep it up until every node's workers are done
             deadline = time.monotonic() + _DONE_WAIT_S
-            while not self.store.check([f"done/{n}" for n in range(self.nnodes)]) and time.monotonic() < deadline:
+            while not self.store.check([keys.DONE.format(node=n) for n in range(self.nnodes)]) and time.monotonic() < deadline:
                 time.sleep(_POLL_S)
         return 0
 
@@ -133,7 +134,7 @@ class Supervisor:
             if code is None:
                 continue
             del self._workers[rank]
-            if code != 0 and self.store.check([f"finished/{rank}"]):
+            if code != 0 and self.store.check([keys.FINISHED.format(rank=rank)]):
                 print(f"supervisor: rank {rank} ended with code {code} after finishing its work; not replaced",
                       file=sys.stderr, flush=True)
                 code = 0
@@ -145,12 +146,11 @@ class Supervisor:
 
     def _replace(self, dead: dict[int, tuple[int, float]]) -> None:
         """Record the deaths, open the next generation and start one replacement per dead rank."""
-        upcoming = int(self.store.add("generation", 0)) + 1
+        upcoming = int(self.store.add(keys.GENERATION, 0)) + 1
         for rank, (code, seen) in sorted(dead.items()):  # recorded first: whoever sees the generation finds them
-            n = int(self.store.add("deaths", 1))
-            self.store.set(f"death/{n}", json.dumps({"rank": rank, "time": seen, "returncode": code,
-                                                     "generation": upcoming}))
-        generation = int(self.store.add("generation", 1))
+            n = int(self.store.add(keys.DEATHS, 1))
+            self.store.set(keys.DEATH.format(n=n), Death(rank, seen, code, upcoming).to_json())
+        generation = int(self.store.add(keys.GENERATION, 1))
         for rank, (code, _) in sorted(dead.items()):
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             print(f"supervisor: rank {rank} died ({how}); starting a replacement (generation {generation})",
@@ -159,7 +159,7 @@ class Supervisor:
             self._start(rank)
 
     def _fail(self, reason: str, code: int = 1, announce: bool = True) -> int:
-        self.store.set("stop", reason)
+        self.store.set(keys.STOP, reason)
         if announce:
             print(f"error: {reason}; stopping the job", file=sys.stderr, flush=True)
         return code
