@@ -12,9 +12,7 @@ from .strategies import (
     RecoveryStrategy,
     RejoinResult,
     RejoinRound,
-    strategy_for,
 )
 
 __all__ = ["STRATEGIES", "DomainRestore", "FullRecovery", "NoRecovery", "PartialRecovery", "RecoveryResult",
-           "RecoveryStrategy", "RejoinResult", "RejoinRound", "Restorer", "Rollback", "rejoin", "start_run",
-           "strategy_for"]
+           "RecoveryStrategy", "RejoinResult", "RejoinRound", "Restorer", "Rollback", "rejoin", "start_run"]

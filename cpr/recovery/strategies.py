@@ -84,8 +84,8 @@ class RecoveryStrategy(ABC):
         self.pipeline.flush()
         return self._recover(failed, self.restorer.store.saves())  # every commit record parsed once per recovery
 
-    @abstractmethod
-    def _recover(self, failed: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult: ...
+    def _recover(self, failed: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult:
+        raise NotImplementedError
 
     @abstractmethod
     def rejoin(self, round_: RejoinRound) -> RejoinResult:
@@ -102,9 +102,6 @@ class NoRecovery(RecoveryStrategy):
 
     def recover(self, failed: Sequence[int]) -> RecoveryResult:
         raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint, so shard failures cannot be recovered")
-
-    def _recover(self, failed: Sequence[int], saves: Sequence[SaveInfo]) -> RecoveryResult:
-        raise AssertionError("unreachable")
 
     def rejoin(self, round_: RejoinRound) -> RejoinResult:
         raise RecoveryError(f"policy {self.policy.name!r} keeps no checkpoint: rank(s) {list(round_.replaced)} cannot "
@@ -189,7 +186,3 @@ class PartialRecovery(RecoveryStrategy):
 
 STRATEGIES: dict[str, type[RecoveryStrategy]] = {s.kind: s for s in (NoRecovery, FullRecovery, PartialRecovery)}
 
-
-def strategy_for(policy: CheckpointPolicy, restorer: Restorer, pipeline: SavePipeline) -> RecoveryStrategy:
-    """The strategy of `policy`'s recovery kind."""
-    return STRATEGIES[policy.recovery](restorer, pipeline, policy)

@@ -28,6 +28,7 @@ from cpr.policies.base import CheckpointPolicy, SaveDecision
 from cpr.snapshot import RowSnapshot, SnapshotMode
 from cpr.state import TrainingState
 from cpr.storage import DENSE_PART, CheckpointStore, SaveInfo, WrittenPart
+from cpr.storage.location import Folder
 from cpr.threads import one_intraop_thread
 from cpr.tracking import AccessTracker
 
@@ -239,7 +240,7 @@ class SavePipeline:
             pending.committing = Future()
             pending.committing.set_result(errors[0] if errors else self._commit_files(pending, result.staging))
 
-    def _commit_files(self, pending: PendingSave, staging) -> str | None:
+    def _commit_files(self, pending: PendingSave, staging: Folder | None) -> str | None:
         """The coordinator's commit of a save whose every part is durable (DCP metadata, commit record,
         rename, retention): None, or why it failed (the staging folder is then gone)."""
         try:
