@@ -123,6 +123,7 @@ class RunLedger:
     failed_saves: list[FailedSave] = field(default_factory=list)
     recoveries: list[RecoveryRecord] = field(default_factory=list)
     total_updates: int = 0
+    rank_updates: list[int] = field(default_factory=list)  # each rank's row-updates (set by `merged`)
 
     def record_updates(self, count: int) -> None:
         """Row-updates made by one batch: every (sample, row) lookup adds one."""
@@ -168,6 +169,14 @@ class RunLedger:
         """Lost row-updates over all row-updates made."""
         return self.lost_updates / self.total_updates if self.total_updates else 0.0
 
+    def pls_of_schedule(self, total_steps: int, num_domains: int) -> float:
+        """Expected PLS of the failures this run had, from when they came and how old their domain's newest
+        save was (`step - restored_step`): each loses that many steps of its domain's share of the updates
+        (the rank's measured share in a multi-rank job, 1/N for emulated domains), out of `total_steps`."""
+        shares = ([n / self.total_updates for n in self.rank_updates]
+                  if self.total_updates and len(self.rank_updates) == num_domains else [1.0 / num_domains] * num_domains)
+        return sum((f.step - f.restored_step) * shares[f.domain] for f in self.failures) / total_steps
+
     @property
     def bytes_written(self) -> int:
         return sum(c.bytes for c in self.checkpoints)
@@ -183,6 +192,7 @@ class RunLedger:
             first,
             full_bytes=sum(l.full_bytes for l in ledgers),
             total_updates=sum(l.total_updates for l in ledgers),
+            rank_updates=[l.total_updates for l in ledgers],
             checkpoints=[
                 dataclasses.replace(events[0], seconds=max(e.seconds for e in events),
                                     persist_seconds=max(e.persist_seconds for e in events))

@@ -25,9 +25,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cpr.accounting import RunLedger
 from cpr.comm import Coordinator
 from cpr.domains import DomainLayout
-from cpr.planning import ClusterProfile, PlanResult, plan
+from cpr.planning import ClusterProfile
+from cpr.planning.clock import EmulatedClock, RealClock
 from cpr.policies import make_policy
 from cpr.policies.base import CheckpointPolicy, PolicyContext, SaveDecision
+from cpr.realtime import RunClock
 from cpr.recovery import STRATEGIES, RecoveryResult, RejoinResult, Restorer, rejoin, start_run
 from cpr.save import Differential, PartMaker, SavePipeline
 from cpr.snapshot import RowSnapshot
@@ -75,6 +77,7 @@ class CPRCheckpointer:
             saves hold.
         joining: this process replaces a killed rank of a supervised job: it neither saves nor loads here;
             `rejoin`, called with the survivors, brings its state (see `cpr.elastic`).
+        clock: what plans the run: `EmulatedClock()` (default) or `RealClock(mtbf_hours, nodes)` (see cpr/realtime.py).
     """
 
     def __init__(
@@ -98,21 +101,20 @@ class CPRCheckpointer:
         quantize: str = "none",
         differential: bool = False,
         joining: bool = False,
+        clock: EmulatedClock | RealClock | None = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
         self.coordinator = coordinator or Coordinator()
         self.state = TrainingState(model, optimizer, reader)
         tables = self.state.tables
-        self.layout = self._layout(num_domains, profile or ClusterProfile.preset("production"))
-        self.profile = dataclasses.replace(profile or ClusterProfile.preset("production"),
-                                           num_domains=self.layout.num_domains)  # the plan's N
-        self.plan: PlanResult = plan(self.profile, target_pls)
-        self.total_steps = total_steps
-        self.hours_per_step = self.profile.job_hours / total_steps
+        profile = profile or ClusterProfile.preset("production")
+        self.layout = self._layout(num_domains, profile)
+        self.clock = RunClock(clock, dataclasses.replace(profile, num_domains=self.layout.num_domains), target_pls, total_steps)
+        self.profile, self.hours_per_step, self.total_steps = self.clock.profile, self.clock.hours_per_step, total_steps
         self.tracker = AccessTracker(tables={name: info.local_rows for name, info in tables.tables.items()},
                                      feature_to_table=tables.feature_to_table, mode="mfu")
-        context = PolicyContext(profile=self.profile, plan=self.plan, target_pls=target_pls, total_steps=total_steps,
+        context = PolicyContext(profile=self.profile, plan=self.clock.plan, target_pls=target_pls, total_steps=total_steps,
                                 hours_per_step=self.hours_per_step, interval_steps=interval_steps, tracker=self.tracker,
                                 layout=self.layout, tables=tables, options=dict(policy_options or {}),
                                 coordinator=self.coordinator)
@@ -140,6 +142,7 @@ class CPRCheckpointer:
             rewrite=Differential(self.store, self.tracker, self.layout, parts, self.coordinator) if differential else None)
         self.recovery = strategy(Restorer(self.state, self.layout, self.store, self.coordinator, self.tracker,
                                           self.policy, self.ledger), self.saves, self.policy)
+        self.clock.attach(self.policy, context, self.ledger, self.saves.persisting, self.coordinator)
         try:
             start_run(self.recovery, self.saves, resume, overwrite, joining)
         except BaseException:
@@ -203,6 +206,7 @@ class CPRCheckpointer:
         """Count one finished training step; commit a save whose background write has finished, and start
         the save the policy asks for now. Returns that decision (as written), or None. A save that fails is
         reported and abandoned when it would commit, never raised: the next one retries."""
+        self.clock.step_started()
         self.state.step += 1
         self.saves.poll()
         decision = self.policy.decide(self.global_step)
@@ -210,7 +214,7 @@ class CPRCheckpointer:
             # The job's last step: no failure of this job can follow, so a save now would protect nothing
             # (the final model is the caller's to keep: `state_dict()` or dcp.save of the model).
             decision = None
-        return self.saves.submit(decision) if decision is not None else None
+        return self.clock.step_ended(self.global_step, self.saves.submit(decision) if decision is not None else None)
 
     def save_now(self, decision: SaveDecision) -> None:
         """Save what `decision` says now, whatever the policy's plan (after the saves in flight commit)."""
@@ -275,8 +279,8 @@ class CPRCheckpointer:
 
     # -- reporting --------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        """The job's accounting: saves, failures, bytes, PLS (expected and measured), overhead. Collective:
-        every rank's counts are added up, so every rank gets the same report. Commits the save in flight."""
+        """The job's accounting: saves, failures, bytes, PLS (measured; expected from the plan, or real deaths' from
+        their schedule), overhead. Collective: every rank's counts are added up, so every rank gets the same report."""
         self.flush()
         ledger = RunLedger.merged(self.coordinator.all_gather(self.ledger, site="report.ledgers"))
         return {
@@ -287,8 +291,10 @@ class CPRCheckpointer:
             "domains": self.layout.mode,
             "domains_description": self.layout.describe(),
             "num_shards": self.layout.num_domains,
-            "pls_expected": self.recovery.expected_pls(len(ledger.failures), self.layout.num_domains, self.total_steps),
-            "plan": dataclasses.asdict(self.plan),
+            "pls_expected": (ledger.pls_of_schedule(self.total_steps, self.layout.num_domains) if ledger.recoveries and self.policy.name == "partial"
+                             else self.recovery.expected_pls(len(ledger.failures), self.layout.num_domains, self.total_steps)),
+            "plan": dataclasses.asdict(self.clock.plan),
+            **self.clock.report(),
             "tracking_bytes": self.coordinator.sum(self.tracker.memory_bytes(), site="report.tracking_bytes"),
             "policy_memory_bytes": self.coordinator.sum(self.policy.memory_bytes(), site="report.policy_bytes"),
         }

@@ -27,6 +27,7 @@ from cpr.checkpointer import CPRCheckpointer
 from cpr.comm import Coordinator
 from cpr.elastic.job import ElasticJob, StepOutcome
 from cpr.faults import FailureSchedule
+from cpr.walltime import WallClock
 
 LR_DECAYS = ("linear", "none")
 
@@ -60,6 +61,7 @@ class LoopResult:
     step_seconds: float  # forward, backward and optimizer only
     wall_seconds: float  # the whole loop: steps, saves and recoveries (not the final evaluation)
     recovery_seconds: float
+    wall_clock: dict[str, Any] | None = None  # seconds by cause, overhead and goodput (cpr/walltime.py), rank 0's
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class LoopResult:
             "step_samples_per_s": self.samples / self.step_seconds if self.step_seconds else 0.0,
             "wall_seconds": self.wall_seconds,
             "recovery_seconds": self.recovery_seconds,
+            "wall_clock": self.wall_clock,
         }
 
 
@@ -155,10 +158,13 @@ def train(
     loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
     step_seconds = recovery_seconds = 0.0
     guarded_step = elastic.training_step if elastic is not None else _unguarded_step
+    wall, furthest = WallClock(), ckpt.global_step  # steps up to `furthest` are trained again after a rollback
     started = time.perf_counter()
     while ckpt.global_step < total_steps:
+        fetch_start = time.perf_counter()
         batch = next(batches)
-        step_start = time.perf_counter()
+        step_start = trained = time.perf_counter()
+        persisting = ckpt.saves.persisting() is not None
         with guarded_step() as outcome:
             if lr_decay == "linear":
                 for group, base in zip(optimizer.param_groups, base_lrs):
@@ -168,10 +174,16 @@ def train(
             loss, _ = model(batch)
             loss.backward()
             optimizer.step()
-            step_seconds += time.perf_counter() - step_start
+            trained = time.perf_counter()
+            step_seconds += trained - step_start
             ckpt.step()
+        for plan in ckpt.clock.take_events():
+            metrics.write(plan)
         if outcome.healed:
             recovery_seconds += time.perf_counter() - step_start
+            restore = sum(event.phases.get("restore") or 0.0 for event in outcome.recoveries)
+            wall.add("restores", restore)
+            wall.add("waiting", time.perf_counter() - fetch_start - restore)
             model, optimizer = elastic.model, elastic.optimizer
             for event in outcome.recoveries:
                 metrics.write({"step": event.step, "event": "rank died", "rank": event.rank, "recovery": event.kind,
@@ -179,6 +191,9 @@ def train(
             batches = _endless(train_loader)  # the reader is where the recovery put it
             bar.n = ckpt.global_step
             continue
+        wall.add("save_stalls", time.perf_counter() - trained)
+        wall.add_step(trained - fetch_start, persisting, reexecuted=ckpt.global_step <= furthest)
+        furthest = max(furthest, ckpt.global_step)
         samples += batch.labels.numel()
         executed += 1
         loss_sum += float(loss.detach())
@@ -190,6 +205,7 @@ def train(
             recovery_start = time.perf_counter()
             result = ckpt.recover([failure.domain])
             recovery_seconds += time.perf_counter() - recovery_start
+            wall.add("restores", time.perf_counter() - recovery_start)
             event = {"step": step, "event": "failure", "shard": failure.domain, "recovery": result.kind,
                      "resumed_at": result.step}
             metrics.write(event)
@@ -207,8 +223,12 @@ def train(
                       f"{rate:,.0f} samples/s", file=sys.stderr, flush=True)
             loss_sum, loss_count = 0.0, 0
         if eval_loader is not None and eval_every and step % eval_every == 0 and step < total_steps:
+            eval_start = time.perf_counter()
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in evaluate(model, eval_loader, coordinator).items()}})
+            wall.add("evaluation", time.perf_counter() - eval_start)
+    flush_start = time.perf_counter()
     ckpt.flush()  # the last save's write belongs to the run's time
+    wall.add("save_stalls", time.perf_counter() - flush_start)
     bar.close()
     wall_seconds = time.perf_counter() - started
     final = evaluate(model, eval_loader, coordinator) if eval_loader is not None else {}
@@ -221,4 +241,5 @@ def train(
         step_seconds=max(coordinator.all_gather(step_seconds, site="loop.step_seconds")),
         wall_seconds=max(coordinator.all_gather(wall_seconds, site="loop.wall_seconds")),
         recovery_seconds=max(coordinator.all_gather(recovery_seconds, site="loop.recovery_seconds")),
+        wall_clock=wall.summary(wall_seconds),
     )

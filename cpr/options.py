@@ -15,6 +15,7 @@ from cpr.elastic.launch import supervisor_options
 from cpr.errors import UsageError
 from cpr.loop import LR_DECAYS
 from cpr.planning import ClusterProfile
+from cpr.planning.clock import CLOCK_KINDS, EmulatedClock, RealClock
 from cpr.policies import POLICY_NAMES
 from cpr.save import QUANTIZE_CHOICES
 from dlrm.model import EMBEDDING_OPTIMIZERS, MODEL_CONFIGS, SHARDING_TYPES
@@ -69,6 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cpr.add_argument("--mtbf-hours", type=float, help="override the profile's per-node MTBF (hours)")
     cpr.add_argument("--job-hours", type=float, help="override the emulated job length (hours)")
     cpr.add_argument("--failures", type=int, help="inject exactly N failures (default: drawn from the profile)")
+    cpr.add_argument("--clock", choices=("auto", *CLOCK_KINDS), default="auto",
+                     help="what plans the saves: the emulated job of the profile, or the real wall clock with the "
+                          "costs this run measures (auto: real for real failures: --nproc, --kill-at, --real-failures, "
+                          "torchrun without --failures)")
+    cpr.add_argument("--nodes", type=int,
+                     help="real clock: the nodes of your cluster, each failing every --mtbf-hours (default: the profile's)")
     cpr.add_argument("--interval-steps", type=int, help="override the planned (full) save interval (steps)")
     cpr.add_argument("--subset-interval-steps", type=int, help="mfu/ssu/scar: override the planned subset-save interval (steps)")
     cpr.add_argument("--save-fraction", type=float, help="mfu/scar: override the planned fraction r of each shard's rows per subset save")
@@ -147,6 +154,7 @@ def validate(args: argparse.Namespace) -> None:
         (args.mtbf_hours is None or args.mtbf_hours > 0, f"--mtbf-hours must be > 0, got {args.mtbf_hours}"),
         (args.job_hours is None or args.job_hours > 0, f"--job-hours must be > 0, got {args.job_hours}"),
         (args.failures is None or args.failures >= 0, f"--failures must be >= 0, got {args.failures}"),
+        (args.nodes is None or args.nodes >= 1, f"--nodes must be >= 1, got {args.nodes}"),
         (args.interval_steps is None or args.interval_steps >= 1, f"--interval-steps must be >= 1, got {args.interval_steps}"),
         (args.keep_last >= 1, f"--keep-last must be >= 1, got {args.keep_last}"),
         (args.subset_interval_steps is None or args.subset_interval_steps >= 1,
@@ -186,6 +194,18 @@ def validate(args: argparse.Namespace) -> None:
             pass
     except OSError as err:
         raise UsageError(f"--out {out}: not writable ({err.strerror or err})") from None
+
+
+def clock_of(args: argparse.Namespace) -> EmulatedClock | RealClock:
+    """The clock the run is planned on (see --clock): real failures are planned on the wall clock."""
+    kind = args.clock
+    if kind == "auto":
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.failures is None
+        kind = "real" if supervised(args) or args.kill_at or args.real_failures or torchrun else "emulated"
+    if kind == "emulated":
+        return EmulatedClock()
+    profile = profile_of(args)
+    return RealClock(mtbf_hours=profile.mtbf_hours, nodes=args.nodes or profile.nodes)
 
 
 def supervised(args: argparse.Namespace) -> bool:

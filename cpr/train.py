@@ -24,7 +24,7 @@ from cpr.elastic.membership import Membership
 from cpr.errors import CPRError, UnsupportedShardingError, UsageError
 from cpr.faults import FailureSchedule
 from cpr.loop import MetricsLog, train
-from cpr.options import parse_args, profile_of, parse_kills, policy_options, validate
+from cpr.options import clock_of, parse_args, profile_of, parse_kills, policy_options, validate
 from cpr.storage import CheckpointStore
 from dlrm.data import open_dataset
 from dlrm.data.errors import CriteoDataError
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store:
     except ValueError as err:
         raise UsageError(f"--batch-size {args.batch_size}: {err}") from None
     total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
-    profile = profile_of(args)
+    profile, clock = profile_of(args), clock_of(args)
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store:
             quantize=args.quantize,
             differential=args.differential,
             joining=joining,
+            clock=clock,
         )
 
     try:
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store:
         raise UsageError(str(err)) from None
     schedule = FailureSchedule.empty()
     # With --kill-at the kills are the experiment: emulated failures join in only when --failures asks for them.
-    draw = args.failures != 0 and (args.failures is not None or args.real_failures or not args.kill_at)
+    # On the real clock, failures are real: emulated ones join in only when --failures asks for them.
+    draw = args.failures != 0 and (args.failures is not None or args.real_failures or not (args.kill_at or clock.kind == "real"))
     if args.policy != "none" and draw:
         schedule = FailureSchedule.from_profile(job.ckpt.profile, total_steps, seed=args.seed, count=args.failures)
     kills = parse_kills(args.kill_at)
@@ -164,7 +166,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                     if not k.startswith("planned_") and v not in (None, {})),
         # Without checkpoints there is no recovery to plan.
         *([] if summary["policy"] == "none" else
-          [f"plan: {summary['plan']['recommended']} recovery is cheaper for this profile: {summary['plan']['reason']}"]),
+          [f"plan: {summary['plan']['recommended']} recovery is cheaper for this profile: {summary['plan']['reason']}",
+           f"planned on the {summary['clock']} clock: {summary['clock_reason']}"]),
         f"checkpoints {len(summary['checkpoints'])}  bytes written {summary['bytes_written']:,}",
         f"failures {len(summary['failures'])}: " + ", ".join(f"step {f['step']} shard {f['shard']}" for f in summary["failures"]),
         f"PLS expected {summary['pls_expected']:.5f}  measured {summary['pls_measured']:.5f}",
@@ -174,9 +177,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(verdict)
     o = summary["overhead"]
     lines.append(
-        f"overhead (emulated hours) save {o['save']:.3f}  load {o['load']:.3f}  lost compute {o['lost_compute']:.3f}  "
+        f"overhead ({'emulated hours' if summary['clock'] == 'emulated' else 'hours modelled from the measured costs'}) save {o['save']:.3f}  load {o['load']:.3f}  lost compute {o['lost_compute']:.3f}  "
         f"reschedule {o['reschedule']:.3f}  total {o['total_hours']:.3f} = {100 * o['total_fraction']:.2f}% of the job"
     )
+    wall = summary.get("wall_clock")
+    if wall:
+        lines.append("wall clock (s) " + "  ".join(f"{cause.replace('_', ' ')} {seconds:.2f}" for cause, seconds in wall["seconds"].items())
+                     + f"  = {wall['wall_seconds']:.2f}; overhead {wall['overhead_fraction']:.2%} of the job, goodput "
+                     f"{wall['goodput']:.3f} of the no-failure rate ({wall['clean_step_seconds'] * 1e3:.2f} ms a step)")
     return "\n".join(lines)
 
 

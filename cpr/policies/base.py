@@ -124,6 +124,10 @@ class CheckpointPolicy(ABC):
         `total_steps` run, each taking one of `num_domains` domains back to its newest saved rows."""
         return 0.0
 
+    def replan(self, context: PolicyContext, step: int) -> None:
+        """Plan again from `step` on with `context` (a real run's measured costs, see `cpr.realtime`),
+        keeping what was promised for the steps already trained. Collective: every rank re-plans at once."""
+
 
 class PeriodicFullPolicy(CheckpointPolicy):
     """A full save every `interval_steps` steps (and none when it is 0)."""
@@ -132,14 +136,37 @@ class PeriodicFullPolicy(CheckpointPolicy):
         if interval_steps < 0:
             raise ValueError(f"interval_steps must be >= 0, got {interval_steps}")
         self.interval_steps = interval_steps
+        # Saves fall every interval from the anchor: step 0, or the step of the last re-plan.
+        self.anchor = 0
+        self.replans = 0
+        self._last_save = 0
+        self.age_sum = 0  # sum over the step ends decided so far of the steps since the newest full save
 
     def decide(self, step: int) -> SaveDecision | None:
-        if self.interval_steps and step > 0 and step % self.interval_steps == 0:
-            return SaveDecision("full", reason=f"every {self.interval_steps} steps")
-        return None
+        due = bool(self.interval_steps) and step > self.anchor and (step - self.anchor) % self.interval_steps == 0
+        self.age_sum += 0 if due else max(0, step - self._last_save)
+        return SaveDecision("full", reason=f"every {self.interval_steps} steps") if due else None
+
+    def after_save(self, plan: SaveDecision) -> None:
+        self._last_save = plan.step
+
+    def age_now(self, step: int) -> int:
+        """Steps since the newest full save this policy decided, at the end of `step`."""
+        return max(0, step - self._last_save)
 
     def settings(self) -> dict[str, Any]:
-        return {"interval_steps": self.interval_steps}
+        return {"interval_steps": self.interval_steps, **({"replans": self.replans} if self.replans else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        # Only a re-planned run has a plan of its own to keep; an emulated one plans again the same way.
+        return {"interval_steps": self.interval_steps, "anchor": self.anchor, "age_sum": self.age_sum,
+                "replans": self.replans} if self.replans else {}
+
+    def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
+        self._last_save = step
+        if "anchor" in state:
+            self.interval_steps, self.anchor = int(state["interval_steps"]), int(state["anchor"])
+            self.age_sum, self.replans = int(state["age_sum"]), int(state["replans"])
 
     def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
         # A failure at a uniformly random step loses on average half an interval of its domain's updates,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from cpr.planning import expected_lost_steps
-from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, SaveDecision
+from cpr.planning.online import interval_keeping_promise
+from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContext, SaveDecision
 
 
 class NoCheckpointPolicy(CheckpointPolicy):
@@ -22,6 +23,11 @@ class FullRecoveryPolicy(PeriodicFullPolicy):
     name = "full"
     recovery = "full"
 
+    def replan(self, context: PolicyContext, step: int) -> None:
+        if context.interval_steps is None:  # an interval given by the user stays
+            self.interval_steps, self.anchor = context.steps(context.plan.full.interval_hours), step
+            self.replans += 1
+
 
 class PartialRecoveryPolicy(PeriodicFullPolicy):
     """Periodic full saves; a failure reloads only the failed domains' rows and their optimizer state.
@@ -31,7 +37,20 @@ class PartialRecoveryPolicy(PeriodicFullPolicy):
     name = "partial"
     recovery = "partial"
 
+    def replan(self, context: PolicyContext, step: int) -> None:
+        # The promise: the run's mean save age at most target * N * M (in steps), the steps trained so far
+        # included with the ages they had.
+        if context.interval_steps is None:
+            profile = context.profile
+            max_age = context.target_pls * profile.num_domains * profile.job_mtbf_hours / context.hours_per_step
+            self.interval_steps = interval_keeping_promise(max_age, context.total_steps, step, self.age_sum,
+                                                           self.age_now(step))
+            self.anchor = step
+            self.replans += 1
+
     def expected_pls(self, failures: int, num_domains: int, total_steps: int) -> float:
         # Saves and failures both fall on step ends, so a failure finds the shard 0 .. T-1 steps past its
         # save: about (T - 1) / 2, not the continuous T / 2 (10% less at T = 11).
-        return failures * expected_lost_steps(self.interval_steps, total_steps) / (num_domains * total_steps)
+        # A re-planned run had the ages it had (age_sum), whatever its intervals were.
+        mean_age = self.age_sum / total_steps if self.replans else expected_lost_steps(self.interval_steps, total_steps)
+        return failures * mean_age / (num_domains * total_steps)

@@ -206,11 +206,21 @@ class PrioritizedPolicy(CheckpointPolicy):
         job.steps = self._meter.steps
         return job
 
-    def _replan(self, step: int) -> None:
+    def replan(self, context: PolicyContext, step: int) -> None:
+        # The goal N * M * target moves with the measured clock; the ages measured so far stay.
+        self.context = context
+        if self.plan is not None and len(self.pinned) < 3:
+            self._replan(step, force=True)
+
+    def _replan(self, step: int, force: bool = False) -> None:
         """Re-aim the model so that the whole run's measured mean age meets the goal N * M * target."""
         meter = self._job_meter()
         correction = meter.correction
         rest = self.context.total_steps - step
+        if force and (correction is None or not meter.accesses):
+            self._plan_for(self._model_target, 1.0)  # nothing measured against the model yet: the same aim
+            self.replans += 1
+            return
         if correction is None or rest <= 0 or not meter.accesses:
             return
         correction = min(max(correction, _CORRECTION_RANGE[0]), _CORRECTION_RANGE[1])
@@ -219,7 +229,7 @@ class PrioritizedPolicy(CheckpointPolicy):
         wanted = (goal * (meter.accesses + rest_accesses) - meter.unsaved) / rest_accesses
         wanted = min(max(wanted, _CATCH_UP_RANGE[0] * goal), _CATCH_UP_RANGE[1] * goal)
         target = min(max(wanted / correction / self._age_per_pls, 1e-9), 0.999)
-        if abs(target / self._model_target - 1) > _REPLAN_TOLERANCE:
+        if force or abs(target / self._model_target - 1) > _REPLAN_TOLERANCE:
             self._plan_for(target, correction)
             self.replans += 1
 

@@ -284,6 +284,11 @@ class SavePipeline:
         """The save in flight and those queued behind it, oldest first."""
         return [self._pending, *self._queued] if self._pending is not None else []
 
+    def persisting(self) -> str | None:
+        """The kind of the save this process's writer is writing now, if any (the real clock measures it)."""
+        pending = self._pending
+        return pending.decision.kind if pending is not None and pending.future is not None and not pending.future.done() else None
+
     def _advance(self) -> None:
         """The save in flight is settled: the oldest one queued behind it, if any, is in flight now."""
         self._pending = self._queued.popleft() if self._queued else None
