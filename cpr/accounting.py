@@ -124,6 +124,14 @@ class RunLedger:
     recoveries: list[RecoveryRecord] = field(default_factory=list)
     total_updates: int = 0
     rank_updates: list[int] = field(default_factory=list)  # each rank's row-updates (set by `merged`)
+    # Steps the job trained (retrained ones included): a replacement takes the count over with the job's events,
+    # so that a replaced rank 0 reports the job's steps, not its own since it joined. Not saved: a resumed run
+    # counts its own steps.
+    steps_executed: int = 0
+
+    def record_step(self) -> None:
+        """One training step done (not one dropped at a peer's death)."""
+        self.steps_executed += 1
 
     def record_updates(self, count: int) -> None:
         """Row-updates made by one batch: every (sample, row) lookup adds one."""
@@ -150,6 +158,7 @@ class RunLedger:
         continues the job's record, not its own."""
         self.checkpoints, self.failures = list(other.checkpoints), list(other.failures)
         self.failed_saves, self.recoveries = list(other.failed_saves), list(other.recoveries)
+        self.steps_executed = other.steps_executed
 
     @property
     def overhead(self) -> Overhead:

@@ -18,11 +18,12 @@ from typing import Any, Callable, Generic, TypeVar
 
 import torch.distributed as dist
 
+from cpr.environment import setting
 from cpr.errors import CoordinationError
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300"))
+DEFAULT_TIMEOUT_S = setting("CPR_COLLECTIVE_TIMEOUT_S")
 # A folder: every process appends each collective it enters, with the site that called it, to
 # `<folder>/rank-<rank>-pid-<pid>.jsonl` (one JSON object a line, flushed at once, so a killed process's
 # trace is whole up to its death). Ranks whose sequences differ are what a collective mismatch is made of.

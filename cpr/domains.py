@@ -14,12 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from cpr.choices import MAX_VIRTUAL_DOMAINS
 from cpr.tables import TableInfo
 
 DomainMode = Literal["virtual", "ranks"]
-# Each emulated domain is a parameter-server node holding a 1/num_domains slice of every table; the layout
-# and every save's metadata grow with their number, and beyond this many a domain is a handful of rows.
-MAX_VIRTUAL_DOMAINS = 1024
 
 
 @dataclass(frozen=True)

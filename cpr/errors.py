@@ -48,6 +48,10 @@ class UnwritableDirectoryError(CPRError, OSError):
     """The checkpoint directory cannot be created or written to."""
 
 
+class OutputError(CPRError, OSError):
+    """The run's output folder (`--out`) could not be written (it was deleted or made read-only meanwhile)."""
+
+
 class DirectoryLockedError(CPRError, RuntimeError):
     """Another live process holds the lock of the checkpoint directory (one writer per directory)."""
 

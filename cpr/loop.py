@@ -24,12 +24,12 @@ from torchmetrics.functional.classification import binary_auroc
 from tqdm import tqdm
 
 from cpr.checkpointer import CPRCheckpointer
+from cpr.choices import LR_DECAYS
 from cpr.comm import Coordinator
 from cpr.elastic.job import ElasticJob, StepOutcome
 from cpr.faults import FailureSchedule
 from cpr.walltime import WallClock
 
-LR_DECAYS = ("linear", "none")
 
 
 class MetricsLog:
@@ -155,7 +155,7 @@ def train(
     batches = _endless(train_loader)
     bar = tqdm(total=total_steps, initial=ckpt.global_step, disable=not (progress and coordinator.is_coordinator),
                unit="step", dynamic_ncols=True)
-    loss_sum, loss_count, samples, executed = 0.0, 0, 0, 0
+    loss_sum, loss_count, samples = 0.0, 0, 0
     step_seconds = recovery_seconds = 0.0
     guarded_step = elastic.training_step if elastic is not None else _unguarded_step
     wall, furthest = WallClock(), ckpt.global_step  # steps up to `furthest` are trained again after a rollback
@@ -195,7 +195,7 @@ def train(
         wall.add_step(trained - fetch_start, persisting, reexecuted=ckpt.global_step <= furthest)
         furthest = max(furthest, ckpt.global_step)
         samples += batch.labels.numel()
-        executed += 1
+        ckpt.ledger.record_step()
         loss_sum += float(loss.detach())
         loss_count += 1
         step = ckpt.global_step
@@ -236,7 +236,7 @@ def train(
     return LoopResult(
         eval=final,
         steps=total_steps,
-        steps_executed=executed,
+        steps_executed=ckpt.ledger.steps_executed,
         samples=int(coordinator.sum(samples, site="loop.samples")),
         step_seconds=max(coordinator.all_gather(step_seconds, site="loop.step_seconds")),
         wall_seconds=max(coordinator.all_gather(wall_seconds, site="loop.wall_seconds")),

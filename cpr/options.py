@@ -9,16 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from cpr.domains import MAX_VIRTUAL_DOMAINS
+from cpr.choices import LR_DECAYS, MAX_VIRTUAL_DOMAINS, POLICY_NAMES, QUANTIZE_CHOICES
 from cpr.elastic.keys import STORE_ENV
 from cpr.elastic.launch import supervisor_options
 from cpr.errors import UsageError
-from cpr.loop import LR_DECAYS
 from cpr.planning import ClusterProfile
 from cpr.planning.clock import CLOCK_KINDS, EmulatedClock, RealClock
-from cpr.policies import POLICY_NAMES
-from cpr.save import QUANTIZE_CHOICES
-from dlrm.model import EMBEDDING_OPTIMIZERS, MODEL_CONFIGS, SHARDING_TYPES
+from dlrm.configs import EMBEDDING_OPTIMIZER_NAMES, MODEL_CONFIGS, SHARDING_TYPES
 
 TRAIN_DOC = """Train a TorchRec DLRM on Criteo-format data with CPR checkpointing.
 
@@ -28,34 +25,67 @@ injected from the cluster profile (or `--failures N`) and recovered as the polic
 ends with AUC, log loss, throughput and the failure accounting, printed and written to `--out`.
 """
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (not the usage block that would precede them)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each option's default after its help (unless the help says it, or
+    there is none to show: a flag, or an option that is off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, [], argparse.SUPPRESS):
+            return help_text
+        return f"{help_text} (default: %(default)s)".lstrip()
+
+
+# The longest run (steps) and the largest whole numbers the options take: beyond them a step counter or a row
+# id outgrows 32 bits, or a node would start more worker processes than it has cores by orders of magnitude.
+MAX_STEPS = 2**31 - 1
+MAX_NPROC = 256
+_INT_LIMITS = {"rows": 2**31 - 1, "synthetic_rows": 10**9, "batch_size": 2**31 - 1, "steps": MAX_STEPS, "seed": 2**32 - 1,
+               "eval_every": MAX_STEPS, "log_every": MAX_STEPS, "failures": MAX_STEPS, "interval_steps": MAX_STEPS,
+               "subset_interval_steps": MAX_STEPS, "keep_last": 1_000_000,
+               "nproc": MAX_NPROC, "nnodes": 100_000, "node_rank": 100_000, "max_restarts": 1_000_000, "nodes": 10_000_000}
+# Upper limits of float options that have no natural one: a learning rate this large already diverges at the first
+# step, and an emulated job or MTBF beyond a million hours (114 years) is no cluster's.
+_FLOAT_LIMITS = {"epochs": 1e6, "lr": 1e3, "embedding_lr": 1e3, "zipf_alpha": 100.0, "mtbf_hours": 1e9, "job_hours": 1e6}
+
 _FLOAT_OPTIONS = ("epochs", "lr", "embedding_lr", "eval_fraction", "zipf_alpha", "target_pls", "mtbf_hours", "job_hours",
                   "save_fraction", "sample_rate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cpr.train", description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m cpr.train", description=TRAIN_DOC, formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PATH", help="Criteo files or folders (default: the built-in synthetic set)")
-    data.add_argument("--data-format", choices=("auto", "kaggle", "terabyte", "npy"), default="auto")
+    data.add_argument("--data-format", choices=("auto", "kaggle", "terabyte", "npy"), default="auto",
+                      help="layout of --data (auto: npy files by their names, else TSV with the layout from the first line)")
     data.add_argument("--rows", type=int, default=100_000, help="cap on rows per embedding table (ids are hashed modulo it)")
     data.add_argument("--eval-fraction", type=float, default=0.1, help="last fraction of the rows held out for evaluation")
     data.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of stopping")
     data.add_argument("--synthetic-rows", type=int, default=400_000, help="size of the built-in synthetic set")
     data.add_argument("--zipf-alpha", type=float, default=1.05, help="skew of the synthetic ids")
     train = p.add_argument_group("training")
-    train.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="kaggle")
+    train.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="kaggle",
+                       help="DLRM size: kaggle (the DLRM reference for Criteo Kaggle) or small (seconds on two cores)")
     train.add_argument("--batch-size", type=int, default=128, help="mini-batch size (128 as the DLRM reference for Kaggle)")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (default: --epochs worth)")
-    length.add_argument("--epochs", type=float, default=1.0)
+    length.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows")
     train.add_argument("--lr", type=float, default=0.001, help="learning rate of the dense layers (Adagrad)")
     train.add_argument("--embedding-lr", type=float, default=0.01, help="learning rate of the fused embedding optimizer")
     train.add_argument("--lr-decay", choices=LR_DECAYS, default="linear",
                        help="linear: both learning rates fall linearly to 0 over the run (keeps small data sets from overfitting)")
-    train.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZERS), default="rowwise_adagrad")
+    train.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZER_NAMES), default="rowwise_adagrad",
+                       help="fbgemm's fused optimizer of the embedding rows")
     train.add_argument("--sharding", choices=SHARDING_TYPES, default="table_wise",
                        help="how tables are placed on the ranks of a multi-rank job (torchrun)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the model, the synthetic data and the failure schedule")
     train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well as at the end")
     train.add_argument("--log-every", type=int, default=50, help="write the train loss to metrics.jsonl every N steps")
     train.add_argument("--out", default="runs/latest", help="output folder (config.json, metrics.jsonl, summary.json)")
@@ -134,9 +164,16 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if value is not None and value > _FLOAT_LIMITS.get(name, math.inf):
+            raise UsageError(f"--{name.replace('_', '-')} must be <= {_FLOAT_LIMITS[name]:g}, got {value:g}")
+    for name, limit in _INT_LIMITS.items():
+        value = getattr(args, name)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')} must be <= {limit}, got {value}")
     checks = [
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.rows >= 1, f"--rows must be >= 1, got {args.rows}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (0.0 < args.eval_fraction < 1.0, f"--eval-fraction must be in (0, 1), got {args.eval_fraction}"),
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),

@@ -1,156 +1,37 @@
 """`python -m cpr.train`: train a TorchRec DLRM on Criteo-format data with CPR checkpointing (the options
-and their checks are in `cpr.options`), print the summary and write it to `--out`."""
+and their checks are in `cpr.options`, the run in `cpr.training`), print the summary and write it to `--out`.
+
+This module imports nothing heavy: `--help` and every argument or environment error come before torch and
+TorchRec load (`benchmarks/startup.py` measures it).
+"""
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.distributed as dist
-
-from cpr.checkpointer import CPRCheckpointer
-from cpr.comm import release_process_group
-from cpr.elastic.job import ElasticJob, JobHooks
 from cpr.elastic.keys import STORE_ENV
 from cpr.elastic.launch import supervise
-from cpr.elastic.membership import Membership
-from cpr.errors import CPRError, UnsupportedShardingError, UsageError
-from cpr.faults import FailureSchedule
-from cpr.loop import MetricsLog, train
-from cpr.options import clock_of, parse_args, profile_of, parse_kills, policy_options, validate
-from cpr.storage import CheckpointStore
-from dlrm.data import open_dataset
+from cpr.environment import check_environment
+from cpr.errors import CPRError
+from cpr.options import parse_args, validate
 from dlrm.data.errors import CriteoDataError
-from dlrm.data.loader import BatchLoader
-from dlrm.data.schema import table_rows
-from dlrm.model import (
-    COLLECTIVE_TIMEOUT,
-    MODEL_CONFIGS,
-    build_model,
-    build_optimizer,
-    default_device,
-    ensure_process_group,
-    wrap_dmp,
-)
 
-# Makes the store a checkpointer saves through, from (directory, keep_last, lock): `CheckpointStore` by default.
-StoreFactory = Callable[..., CheckpointStore]
+if TYPE_CHECKING:
+    import argparse
+
+    from cpr.elastic.job import JobHooks
+    from cpr.training import StoreFactory
 
 
 def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store: StoreFactory | None = None) -> dict[str, Any]:
-    """Train as `args` say and return the summary (also written to OUT/summary.json by rank 0).
+    """`cpr.training.run`: train as `args` say and return the summary (imports torch on first call)."""
+    from cpr.training import run as run_training
 
-    Under torchrun (WORLD_SIZE set) every rank runs this; the failure domains are then the ranks. `job_hooks`
-    are told of the job's heals, `make_store` makes the store each checkpointer saves through (seams for
-    fault injection and monitoring).
-    """
-    validate(args)
-    out = Path(args.out)
-    torch.manual_seed(args.seed)
-    device = default_device()
-    membership = Membership.from_env("nccl" if device.type == "cuda" else "gloo", COLLECTIVE_TIMEOUT)
-    if membership is None:
-        ensure_process_group(device)
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world_size = membership.rank, membership.world_size
-    rows = table_rows(args.rows)
-    dataset = open_dataset(
-        args.data,
-        data_format=args.data_format,
-        table_rows=rows,
-        eval_fraction=args.eval_fraction,
-        skip_bad_rows=args.skip_bad_rows,
-        synthetic_rows=args.synthetic_rows,
-        zipf_alpha=args.zipf_alpha,
-        seed=args.seed,
-    )
-    try:
-        train_loader = BatchLoader(dataset.train, args.batch_size, rank=rank, world_size=world_size)
-        eval_loader = BatchLoader(dataset.eval, args.batch_size, rank=rank, world_size=world_size)
-    except ValueError as err:
-        raise UsageError(f"--batch-size {args.batch_size}: {err}") from None
-    total_steps = args.steps or max(1, math.ceil(args.epochs * len(train_loader)))
-    profile, clock = profile_of(args), clock_of(args)
-
-    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = wrap_dmp(build_model(MODEL_CONFIGS[args.model], rows), device, args.embedding_optimizer,
-                         args.embedding_lr, sharding=args.sharding)
-        return model, build_optimizer(model, args.lr)
-
-    def checkpointer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joining: bool) -> CPRCheckpointer:
-        directory = args.checkpoint_dir or out / "checkpoints"
-        return CPRCheckpointer(
-            model,
-            optimizer,
-            directory if make_store is None else make_store(directory, args.keep_last, rank == 0),
-            policy=args.policy,
-            num_domains=args.num_shards if world_size == 1 else None,
-            target_pls=args.target_pls,
-            profile=profile,
-            total_steps=total_steps,
-            reader=train_loader,
-            interval_steps=args.interval_steps,
-            keep_last=args.keep_last,
-            policy_options=policy_options(args),
-            resume=args.resume,
-            async_save=not args.sync_save,
-            overwrite=args.overwrite,
-            quantize=args.quantize,
-            differential=args.differential,
-            joining=joining,
-            clock=clock,
-        )
-
-    try:
-        job = ElasticJob(build, checkpointer, membership, hooks=job_hooks)
-    except UnsupportedShardingError as err:
-        raise UsageError(str(err)) from None
-    schedule = FailureSchedule.empty()
-    # With --kill-at the kills are the experiment: emulated failures join in only when --failures asks for them.
-    # On the real clock, failures are real: emulated ones join in only when --failures asks for them.
-    draw = args.failures != 0 and (args.failures is not None or args.real_failures or not (args.kill_at or clock.kind == "real"))
-    if args.policy != "none" and draw:
-        schedule = FailureSchedule.from_profile(job.ckpt.profile, total_steps, seed=args.seed, count=args.failures)
-    kills = parse_kills(args.kill_at)
-    if args.real_failures:
-        kills += [(failure.step, failure.domain) for failure in schedule]
-        schedule = FailureSchedule.empty()
-    job.kills = frozenset(kills)  # none falls before step 1: the job is built and its first save committed
-    model, optimizer, ckpt = job.model, job.optimizer, job.ckpt
-    coordinator = ckpt.coordinator
-
-    if coordinator.is_coordinator:
-        config = {**vars(args), "total_steps": total_steps, "table_rows": rows, "data_source": dataset.source,
-                  "train_rows": len(dataset.train), "eval_rows": len(dataset.eval), "world_size": coordinator.world_size,
-                  "failure_domains": ckpt.layout.describe(), "failure_schedule": schedule.to_json(),
-                  "kills": [{"step": step, "rank": rank} for step, rank in kills]}
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        print(f"failure domains: {ckpt.layout.describe()}", file=sys.stderr)
-    metrics = MetricsLog(out / "metrics.jsonl", append=args.resume or job.replacement, coordinator=coordinator)
-    try:
-        result = train(model, optimizer, ckpt, train_loader, total_steps, schedule=schedule, eval_loader=eval_loader,
-                       lr_decay=args.lr_decay, log_every=args.log_every, eval_every=args.eval_every, metrics=metrics,
-                       progress=not args.no_progress, elastic=job)
-    finally:
-        metrics.close()
-    summary = {
-        **result.summary(),
-        "data_source": dataset.source,
-        "rows_skipped": dataset.stats.rows_skipped,
-        **job.report(),
-    }
-    if coordinator.is_coordinator:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    job.close()
-    return summary
+    return run_training(args, job_hooks, make_store)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -221,27 +102,29 @@ def quiet_dependencies() -> None:
 
 def main(argv: Sequence[str] | None = None, job_hooks: JobHooks | None = None,
          make_store: StoreFactory | None = None) -> int:
-    """The command line; `job_hooks` and `make_store` as for `run`."""
-    quiet_dependencies()
+    """The command line; `job_hooks` and `make_store` as for `run`. Exit codes: 0 done, 2 bad input (one
+    line on stderr), 130 interrupted (Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.nproc is not None and STORE_ENV not in os.environ:
-        # This process supervises: bad settings are reported once, here, before any worker starts.
-        try:
-            validate(args)
-        except UsageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return supervise(args, [sys.executable, "-m", "cpr.train", *argv])
-    owns_group = not dist.is_initialized()  # a caller's process group (main called in-process) stays theirs
+    worker = STORE_ENV in os.environ  # a supervised worker: its supervisor reports for the job
     try:
-        summary = run(args, job_hooks, make_store)
+        args = parse_args(argv)
+        check_environment()
+        if not worker:  # the supervisor checked the options before it started this worker
+            validate(args)
+        quiet_dependencies()
+        if args.nproc is not None and not worker:
+            return supervise(args, [sys.executable, "-m", "cpr.train", *argv])
+        from cpr.training import run_command
+
+        summary = run_command(args, job_hooks, make_store)
     except (CPRError, CriteoDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        if owns_group:
-            release_process_group()
+    except KeyboardInterrupt:
+        if not worker:  # a supervised worker's Ctrl-C is its supervisor's to report, once for the job
+            print("error: interrupted; the saves committed so far stay in the checkpoint folder (--resume continues "
+                  "from the newest)", file=sys.stderr)
+        return 130
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"wrote {Path(args.out) / 'summary.json'}")

@@ -31,15 +31,22 @@ def default_cache_dir() -> Path:
     return cache_root() / "synthetic"
 
 
+def cache_megabytes(text: str) -> float:
+    """A `$CPR_CACHE_MAX_MB` value as megabytes; ValueError unless it is a size from 0 up."""
+    megabytes = float(text)
+    if not 0 <= megabytes < 2**43:  # also rejects nan and inf
+        raise ValueError(f"{text!r} is not a size in megabytes")
+    return megabytes
+
+
 def max_bytes() -> int:
-    """The size bound from `$CPR_CACHE_MAX_MB` (a bad value warns and the default applies)."""
+    """The size bound from `$CPR_CACHE_MAX_MB` (a bad value warns and the default applies; the command line
+    refuses it before it starts, see `cpr.environment`)."""
     text = os.environ.get("CPR_CACHE_MAX_MB")
     if text is None:
         return DEFAULT_MAX_MB << 20
     try:
-        megabytes = float(text)
-        if not 0 <= megabytes < 2**43:  # also rejects nan and inf
-            raise ValueError
+        megabytes = cache_megabytes(text)
     except ValueError:
         warnings.warn(f"CPR_CACHE_MAX_MB={text!r} is not a size in megabytes; using {DEFAULT_MAX_MB}", stacklevel=2)
         return DEFAULT_MAX_MB << 20

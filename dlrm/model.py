@@ -7,7 +7,6 @@ the accelerator when there is one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
 
@@ -26,31 +25,22 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT as NUM_DENSE
+from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, INT_FEATURE_COUNT as NUM_DENSE
 
+from cpr.environment import setting
+from dlrm.configs import EMBEDDING_OPTIMIZER_NAMES, MODEL_CONFIGS, SHARDING_TYPES, ModelConfig
+from dlrm.data.schema import DENSE_NAMES, SPARSE_NAMES
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Layer sizes of a DLRM; the bottom MLP ends at the embedding dimension, as DLRM requires."""
+# dlrm.data spells TorchRec's feature names without importing TorchRec.
+assert (list(DEFAULT_INT_NAMES), list(DEFAULT_CAT_NAMES)) == (DENSE_NAMES, SPARSE_NAMES)
 
-    name: str
-    embedding_dim: int
-    bottom_mlp: tuple[int, ...]
-    top_mlp: tuple[int, ...]
-
-
-MODEL_CONFIGS: dict[str, ModelConfig] = {
-    # The DLRM reference configuration for Criteo Kaggle.
-    "kaggle": ModelConfig("kaggle", 16, (512, 256, 64, 16), (512, 256, 1)),
-    # Small enough for tests to train in seconds on two cores.
-    "small": ModelConfig("small", 8, (32, 8), (32, 1)),
-}
 
 # Names accepted by `--embedding-optimizer`, mapped to fbgemm's fused (in-backward) optimizers.
 EMBEDDING_OPTIMIZERS: dict[str, EmbOptimType] = {
     "sgd": EmbOptimType.EXACT_SGD,
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
 }
+assert sorted(EMBEDDING_OPTIMIZERS) == sorted(EMBEDDING_OPTIMIZER_NAMES)
 
 
 def table_name(feature: str) -> str:
@@ -97,8 +87,7 @@ def default_device() -> torch.device:
 
 # Collectives of training wait at most this long for a peer (torch's default is 30 minutes): a dead or hung
 # rank ends the job with an error instead of a silent stall.
-COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("CPR_COLLECTIVE_TIMEOUT_S", "300")))
-SHARDING_TYPES = ("table_wise", "row_wise")
+COLLECTIVE_TIMEOUT = timedelta(seconds=setting("CPR_COLLECTIVE_TIMEOUT_S"))
 
 
 def ensure_process_group(device: torch.device) -> None:

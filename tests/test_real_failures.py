@@ -105,6 +105,7 @@ def test_a_kill_during_a_save_then_rank_0_killed(tmp_path):
                         env={"CPR_TEST_KILL_IN_SAVE": "12:1"})
     summary = summary_of(result, tmp_path)
     assert [(r["rank"], r["kind"]) for r in summary["recoveries"]] == [(1, "partial"), (0, "partial")]
+    assert summary["steps_executed"] == summary["steps"]  # the job's steps, not rank 0's replacement's since it joined
     assert_every_save_complete(tmp_path / "checkpoints", 2)
     assert any(f["step"] == 12 for f in summary["failed_saves"])  # the interrupted save was abandoned everywhere
     assert all(h["before"] == h["after"] for h in heal_records(tmp_path) if h["kept_state"])

@@ -31,6 +31,7 @@ from torchrec.distributed import collective_utils as torchrec_collectives
 from cpr.accounting import RecoveryRecord
 from cpr.checkpointer import CPRCheckpointer
 from cpr.comm import release_process_group
+from cpr.environment import setting
 from cpr.errors import CoordinationError, MembershipError, RecoveryError
 
 from .membership import Membership
@@ -38,7 +39,7 @@ from .records import HealTimes, record_recoveries
 
 # How long a rank whose collective failed waits for a supervisor to report a death before it takes the
 # error for what it is (a supervisor sees a death within a fraction of a second).
-DEATH_NOTICE_S = float(os.environ.get("CPR_DEATH_NOTICE_S", "30"))
+DEATH_NOTICE_S = setting("CPR_DEATH_NOTICE_S")
 
 ModelBuilder = Callable[[], "tuple[nn.Module, torch.optim.Optimizer]"]
 CheckpointerFactory = Callable[[nn.Module, torch.optim.Optimizer, bool], CPRCheckpointer]

@@ -15,7 +15,6 @@ import argparse
 import sys
 from typing import Sequence
 
-from .supervisor import Supervisor
 
 
 def supervisor_options(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +31,8 @@ def supervisor_options(parser: argparse.ArgumentParser) -> None:
 
 def supervise(args: argparse.Namespace, command: Sequence[str]) -> int:
     """Run `command` under a supervisor as `args` say; one clear line and exit code 2 for bad settings."""
+    from .supervisor import Supervisor  # here: `--help` and the options need none of torch.distributed
+
     try:
         supervisor = Supervisor(command, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
     except (ValueError, RuntimeError) as err:  # bad numbers, or a store endpoint that cannot be bound or reached

@@ -14,12 +14,13 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from cpr.environment import setting
 from cpr.errors import MembershipError
 
 from . import keys
 from .keys import STORE_ENV, Death, parse_endpoint
 
-REJOIN_TIMEOUT_S = float(os.environ.get("CPR_REJOIN_TIMEOUT_S", "120"))
+REJOIN_TIMEOUT_S = setting("CPR_REJOIN_TIMEOUT_S")
 _POLL_S = 0.02
 
 

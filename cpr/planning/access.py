@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from .prioritized import _Point
 
 _AGE_BINS = 1024
@@ -70,6 +71,8 @@ class AccessProfile:
 
     def to_tensors(self) -> dict[str, Any]:
         """The profile as tensors and plain values (a policy keeps it in its saves to re-plan after a resume)."""
+        import torch  # here, not above: planning loads without torch (the command line plans nothing before it)
+
         return {
             "access_rates": torch.from_numpy(np.ascontiguousarray(self.rates, dtype=np.float64)),
             "access_lengths": torch.tensor([len(g.rates) for g in self.groups], dtype=torch.int64),
@@ -114,7 +117,7 @@ class AccessProfile:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
         groups = []
         for table, ids in sampled.items():
-            unique, counts = torch.unique(ids, return_counts=True)
+            unique, counts = ids.unique(return_counts=True)
             unique_np, counts_np = unique.numpy(), counts.double().numpy()
             for start, end in ranges[table]:
                 inside = (unique_np >= start) & (unique_np < end)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from cpr.choices import POLICY_NAMES
 from cpr.policies.base import CheckpointPolicy, PeriodicFullPolicy, PolicyContext, SaveDecision
 from cpr.policies.basic import FullRecoveryPolicy, NoCheckpointPolicy, PartialRecoveryPolicy
 from cpr.policies.prioritized import MFUPolicy, SCARPolicy, SSUPolicy
@@ -18,7 +19,7 @@ POLICY_FACTORIES: dict[str, Callable[[PolicyContext], CheckpointPolicy]] = {
     "ssu": SSUPolicy,
     "scar": SCARPolicy,
 }
-POLICY_NAMES = tuple(POLICY_FACTORIES)
+assert tuple(POLICY_FACTORIES) == POLICY_NAMES
 
 
 def make_policy(name: str, context: PolicyContext) -> CheckpointPolicy:

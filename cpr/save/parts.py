@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from cpr import dense
+from cpr.choices import QUANTIZE_CHOICES
 from cpr.domains import DomainLayout
 from cpr.policies.base import SaveDecision
 from cpr.snapshot import RowSnapshot
@@ -21,7 +22,6 @@ from cpr.storage.dcp_format import table_chunks
 from cpr.storage.names import POLICY_PREFIX, ids_name, weight_name
 from cpr.tables import EmbeddingTables
 
-QUANTIZE_CHOICES = ("none", "int8", "int4", "auto")
 # `quantize="auto"` follows Check-N-Run: every restore puts the quantization error of the restored rows into
 # the model and the errors of successive restores add up, so a job that expects few restores can store fewer
 # bits. Here: 4 bits while the job expects at most AUTO_INT4_MAX_RESTORES restores (failures over the job, from

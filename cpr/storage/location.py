@@ -23,6 +23,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cpr.errors import UnwritableDirectoryError
+
 
 @dataclass(frozen=True)
 class RemoteFolder:
@@ -71,7 +73,10 @@ def folder(location: str | os.PathLike | RemoteFolder) -> Folder:
     text = os.fspath(location)
     if "://" not in text:
         return Path(text)
-    fs, path = fsspec.core.url_to_fs(text)
+    try:
+        fs, path = fsspec.core.url_to_fs(text)
+    except (ValueError, ImportError) as err:  # an unknown protocol, or one whose package is not installed
+        raise UnwritableDirectoryError(f"checkpoint directory {text}: {err}") from None
     if isinstance(fs, LocalFileSystem):
         return Path(path)
     return RemoteFolder(fs, path)

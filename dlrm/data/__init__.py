@@ -7,7 +7,6 @@ from pathlib import Path
 from dlrm.data.arrays import CriteoArrays
 from dlrm.cache import default_cache_dir
 from dlrm.data.errors import CriteoDataError
-from dlrm.data.npy import load_npy
 from dlrm.data.synthetic import synthetic_tsv
 from dlrm.data.tsv import LAYOUTS, ReadStats, TsvReader
 
@@ -62,6 +61,8 @@ def open_dataset(
         source = f"{'npy' if data_format == 'npy' else 'TSV'}: {', '.join(map(str, paths))}"
 
     if data_format == "npy":
+        from dlrm.data.npy import load_npy  # here: it loads TorchRec, which reading TSV or --help need not
+
         rows = load_npy(paths, table_rows)
         stats = ReadStats(rows_read=len(rows))
     else:

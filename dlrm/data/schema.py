@@ -1,15 +1,14 @@
 """Criteo feature layout: column counts, TorchRec feature names and the Kaggle table cardinalities."""
 from collections.abc import Sequence
 
-from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES
-
 NUM_DENSE = 13
 NUM_SPARSE = 26
 NUM_COLUMNS = 1 + NUM_DENSE + NUM_SPARSE  # label, I1..I13, C1..C26
 
-# Names as TorchRec's Criteo datasets and DLRM examples use them (cat_0..cat_25 are the KJT keys).
-DENSE_NAMES: list[str] = list(DEFAULT_INT_NAMES)
-SPARSE_NAMES: list[str] = list(DEFAULT_CAT_NAMES)
+# Names as TorchRec's Criteo datasets and DLRM examples use them (cat_0..cat_25 are the KJT keys), spelled here
+# so that reading data needs no TorchRec import (dlrm.model checks that they are TorchRec's).
+DENSE_NAMES: list[str] = [f"int_{i}" for i in range(NUM_DENSE)]
+SPARSE_NAMES: list[str] = [f"cat_{i}" for i in range(NUM_SPARSE)]
 # Names of the TSV columns as Criteo documents them, used in error messages.
 COLUMN_NAMES: list[str] = ["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)] + [
     f"C{i}" for i in range(1, NUM_SPARSE + 1)
