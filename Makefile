@@ -31,7 +31,7 @@ bench: install
 	$(PY) benchmarks/policies.py
 
 # Order matters only for speed: bytes_vs_pls reuses runs of pls_vs_accuracy from the run cache.
-EXPERIMENTS := pls_target pls_vs_accuracy failure_injection overhead access_skew bytes_vs_pls real_failures
+EXPERIMENTS := pls_target pls_vs_accuracy failure_injection overhead access_skew bytes_vs_pls real_failures goodput
 
 experiments: install
 	set -e; for name in $(EXPERIMENTS); do $(PY) experiments/$$name.py $(if $(QUICK),--quick); done

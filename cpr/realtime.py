@@ -83,7 +83,7 @@ class RunClock:
             return decision
         self._feed()
         # The steps of the checks depend on the step alone: a replacement that joined late checks with the others.
-        if step == self.calibration_step or (step > self.calibration_step and step % self.every == 0):
+        if step == self.calibration_step or (self.calibration_step < step < self.total_steps and step % self.every == 0):
             self._check(step)
         self._ended = self._now()
         return decision

@@ -101,3 +101,25 @@ def test_real_failures_kills_ranks_of_a_supervised_job(results_root):
     assert [r["kind"] for r in partial["recoveries"]] == ["partial", "partial"]
     assert all(r["survivor_bytes_read"] == 0 and r["bytes_read"] > 0 for r in partial["recoveries"])
     assert (results_root / "real_failures" / "real_failures.png").exists()
+
+
+def test_write_results_only_rewrites_the_named_sections(tmp_path):
+    """`--only NAME` replaces that experiment's section of an existing page (or adds it in order) and keeps
+    every other section, the closing note included, as it was."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    (results / "goodput").mkdir(parents=True)
+    docs.mkdir()
+    (results / "goodput" / "results.json").write_text(json.dumps(
+        {"figure": "goodput.png", "paper": "claim", "command": "cmd", "seeds": [0], "findings": ["new finding"]}))
+    (results / "goodput" / "results.md").write_text("| way |\n|---|\n| x |\n\n- new finding\n")
+    (results / "goodput" / "goodput.png").write_bytes(b"png")
+    titles = {name: title for name, title, _ in write_results.SECTIONS}
+    old = (f"# Results\n\nintro\n\n## {titles['overhead']}\n\nold overhead\n\n## {titles['real_failures']}\n\nkills\n\n"
+           "## Closing note\n\nnote\n")
+    (docs / "results.md").write_text(old)
+    page = write_results.main(["--results", str(results), "--docs", str(docs), "--only", "goodput"]).read_text()
+    assert "old overhead" in page and "kills" in page and page.rstrip().endswith("note") and "intro" in page
+    assert page.index(titles["overhead"]) < page.index(titles["goodput"]) < page.index(titles["real_failures"])
+    assert "new finding" in page and (docs / "figures" / "goodput.png").exists()
+    again = write_results.main(["--results", str(results), "--docs", str(docs), "--only", "goodput"]).read_text()
+    assert again == page
