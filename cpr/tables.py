@@ -86,11 +86,13 @@ class EmbeddingTables:
         tables: dict[str, TableInfo] = {}
         self._weights: dict[str, torch.Tensor] = {}
         state = model.state_dict()
+        self.shapes: dict[str, tuple[int, int]] = {}  # (rows, dim) of every table of the model, held here or not
         for key, value in state.items():
             match = _WEIGHT_KEY.search(key)
             if match is None:
                 continue
             name = match.group(1)
+            self.shapes[name] = (int(value.size(0)), int(value.size(1)))
             found = _local_tensor(value, name)
             if found is None:
                 continue

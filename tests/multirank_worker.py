@@ -58,7 +58,7 @@ class FirstFeatures:
 
 
 def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: bool = False, tables: int | None = None,
-         before_write=None):
+         before_write=None, rows: int = ROWS_PER_TABLE):
     """A fresh model, optimizer, reader and checkpointer on this rank (`tables`: only the first few features;
     `before_write`: a hook of the store it saves through, see tests/stores.py)."""
     from cpr import CPRCheckpointer
@@ -69,7 +69,7 @@ def _job(sharding: str, directory: Path, policy: str, seed: int = 0, resume: boo
 
     torch.manual_seed(seed + dist.get_rank())
     features = SPARSE_NAMES[: tables or NUM_SPARSE]
-    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * len(features), features),
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [rows] * len(features), features),
                      torch.device("cpu"), "rowwise_adagrad", 0.05, sharding=sharding)
     optimizer = build_optimizer(model, 0.05)
     reader = BatchLoader(_arrays(), 32, rank=dist.get_rank(), world_size=dist.get_world_size())
@@ -183,14 +183,63 @@ def failed_save(out: Path, sharding: str, failed: int) -> dict[str, Any]:
 
 
 def mismatch(out: Path, sharding: str, failed: int) -> dict[str, Any]:
-    """Resume from a checkpoint another world size wrote: one clear error, on every rank."""
+    """Resume from a checkpoint of another model (other table sizes): one clear error, on every rank."""
     from cpr.storage import CheckpointMismatchError
 
     try:
-        _job(sharding, out / "written-by-other-world", "full", resume=True)
+        _job(sharding, out / "reshard", "full", resume=True, rows=ROWS_PER_TABLE + 4)
     except CheckpointMismatchError as err:
         return {"error": str(err)}
     return {"error": None}
+
+
+def _pieces(ckpt) -> dict[str, Any]:
+    """This rank's rows with their row-wise state, by table: (global first row, tensors by save name), and the
+    dense state (RNG left out): what the reshard tests put together into whole tables."""
+    state = ckpt.state
+    rows = {table: (state.tables.tables[table].row_offset, {k: v.clone() for k, v in tensors.items()})
+            for table, tensors in state.row_tensors().items()}
+    dense = {k: v.clone() for k, v in state.capture_dense().items() if not k.startswith("rng/")}
+    return {"rows": rows, "dense": dense, "step": ckpt.global_step}
+
+
+def _dcp_rows(sharding: str, folder: Path) -> dict[str, torch.Tensor]:
+    """`dcp.load` of a full save into a fresh model of this world size and plan: each table's local rows."""
+    import torch.distributed.checkpoint as dcp
+
+    from dlrm.data.schema import SPARSE_NAMES
+    from dlrm.model import MODEL_CONFIGS, build_model, wrap_dmp
+
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * len(SPARSE_NAMES), SPARSE_NAMES),
+                     torch.device("cpu"), "rowwise_adagrad", 0.05, sharding=sharding)
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(folder))
+    return {key.split(".")[-2]: value.local_shards()[0].tensor.clone() for key, value in state.items()
+            if key.endswith(".weight") and "embedding_bags" in key and value.local_shards()}
+
+
+def reshard_write(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Train to step 8 (a full save there) on this world size and plan: what the save holds."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "reshard", "full")
+    _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
+    ckpt.flush()
+    return _pieces(ckpt)
+
+
+def reshard_resume(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Resume the newest full save on this world size and plan (another than wrote it): what it loaded; then
+    train on to step 12 (a full save there) and say what that save holds."""
+    model, optimizer, reader, ckpt = _job(sharding, out / "reshard", "full", seed=99, resume=True)
+    from cpr.policies.base import SaveDecision
+
+    resumed = _pieces(ckpt)
+    resumed["dcp"] = _dcp_rows(sharding, out / "reshard" / f"save-{ckpt.global_step:010d}-full")
+    _train(model, optimizer, ckpt, reader, STEPS)
+    ckpt.flush()
+    if not any(s.step == STEPS and s.kind == "full" for s in ckpt.store.saves()):
+        ckpt.save_now(SaveDecision("full", reason="the state trained here"))  # the policy leaves the last step
+        ckpt.flush()
+    return {"resumed": resumed, "trained": _pieces(ckpt)}
 
 
 def main(rank: int, world_size: int, out: str, scenario: str, sharding: str, failed: int) -> None:

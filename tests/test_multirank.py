@@ -93,11 +93,47 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
             torch.testing.assert_close(r["resumed"][key], value, rtol=0, atol=1e-6, msg=f"rank {rank} {key}")
 
 
-def test_a_checkpoint_of_another_world_size_is_refused_clearly(tmp_path):
-    spawn(tmp_path, "resume", 2)  # leaves 2-rank saves in tmp_path/crashed
-    (tmp_path / "crashed").rename(tmp_path / "written-by-other-world")
-    for r in spawn(tmp_path, "mismatch", 3):
-        assert r["error"] and "world size 2" in r["error"] and "world size 3" in r["error"]
+def _whole(ranks: list[dict], which: str | None = None) -> dict[str, torch.Tensor]:
+    """Every table's rows and row-wise state put together from the ranks' pieces, and the dense state (each
+    rank's copy must be the same)."""
+    whole: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        got = r[which] if which else r
+        for table, (first, tensors) in got["rows"].items():
+            for name, value in tensors.items():
+                if name not in whole:
+                    whole[name] = torch.full((multirank_worker.ROWS_PER_TABLE, *value.shape[1:]), float("nan"), dtype=value.dtype)
+                whole[name][first:first + len(value)] = value
+        for name, value in got["dense"].items():
+            assert name not in whole or torch.equal(whole[name], value), f"ranks differ in dense {name}"
+            whole[name] = value
+    return whole
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for name, value in want.items():
+        assert torch.equal(got[name], value), f"{what}: {name} differs from the saved state"
+
+
+def test_resume_reshards_to_another_world_size_and_plan_tensor_for_tensor(tmp_path):
+    """2 ranks row-wise -> 3 ranks row-wise (2 -> 3), then 3 ranks row-wise -> 2 ranks table-wise (3 -> 2,
+    row-wise -> table-wise): each resume holds exactly what the save it resumed holds, optimizer state
+    included; a model with other table sizes is still refused."""
+    written = spawn(tmp_path, "reshard_write", 2, "row_wise")
+    grown = spawn(tmp_path, "reshard_resume", 3, "row_wise")
+    assert all(r["resumed"]["step"] == 2 * multirank_worker.INTERVAL for r in grown)
+    _assert_same(_whole(grown, "resumed"), _whole(written), "2 -> 3 ranks")
+    shrunk = spawn(tmp_path, "reshard_resume", 2, "table_wise")
+    assert all(r["resumed"]["step"] == multirank_worker.STEPS for r in shrunk)
+    assert sorted(t for r in shrunk for t in r["resumed"]["rows"]) == sorted({t for r in grown for t in r["trained"]["rows"]})
+    _assert_same(_whole(shrunk, "resumed"), _whole(grown, "trained"), "3 ranks row-wise -> 2 ranks table-wise")
+    for r in grown + shrunk:  # DCP reshards the same saves alike (row-wise chunks into row- and table-wise shards)
+        assert r["resumed"]["dcp"].keys() == r["resumed"]["rows"].keys()
+        for table, (_, tensors) in r["resumed"]["rows"].items():
+            assert torch.equal(r["resumed"]["dcp"][table], tensors[f"emb/{table}/weight"]), table
+    for r in spawn(tmp_path, "mismatch", 2):
+        assert r["error"] and "another model" in r["error"] and "(304, 8)" in r["error"]
 
 
 def test_a_rank_without_tables_is_a_domain_too(tmp_path):

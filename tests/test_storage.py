@@ -180,6 +180,26 @@ def test_a_domain_restore_reads_only_that_domains_bytes(tmp_path):
         restore_domain(store, store.saves(), "domain-00000", {"t": (0, 4)}, {"t": []})
 
 
+def test_rows_by_global_range_span_parts_and_take_the_newest_version(tmp_path):
+    """The reshard reader: global rows 3..8 cross both domains' parts; later subsets override row by row."""
+    from cpr.storage.reshard import read_global_rows
+
+    store = CheckpointStore(tmp_path)
+    save_full(store, 10)
+    save_subset(store, 20, [1, 3, 5])
+    save_subset(store, 30, [3, 7, 9])
+    full, *subsets = store.saves()
+    got = read_global_rows(store, full, subsets, {"t": (3, 8)}, {"t": ["momentum"]})
+    expected = [30, 10, 20, 10, 30]
+    assert got.saved_step["t"].tolist() == expected
+    assert torch.equal(got.tensors["emb/t/weight"], torch.tensor(expected, dtype=torch.float32)[:, None].expand(5, DIM))
+    assert got.tensors["emb/t/opt/momentum"].tolist() == expected
+    with pytest.raises(CheckpointMismatchError, match="other rows"):
+        read_global_rows(store, full, (), {"t": (3, 12)}, {"t": []})
+    with pytest.raises(CheckpointMismatchError, match="another embedding optimizer"):
+        read_global_rows(store, full, (), {"t": (0, 2)}, {"t": ["momentum2"]})
+
+
 def test_composition_ignores_subsets_older_than_the_full_save(tmp_path):
     store = CheckpointStore(tmp_path)
     save_full(store, 10)

@@ -18,6 +18,8 @@ from cpr.storage import DENSE_PART, CheckpointStore, LoadedPart, SaveInfo, check
 from cpr.storage.names import POLICY_PREFIX
 from cpr.tracking import AccessTracker
 
+from .reshard import load_resharded, same_layout
+
 
 @dataclass(frozen=True)
 class DomainRestore:
@@ -76,18 +78,18 @@ class Restorer:
 
     # -- a whole full save -------------------------------------------------------------------------------
     def load_full(self, save: SaveInfo) -> dict[str, LoadedPart]:
-        """This process's domain parts and the dense part of one full save, checked against this job."""
-        if (save.world_size, save.domain_mode, save.num_domains) != (self.coordinator.world_size, self.layout.mode,
-                                                                      self.layout.num_domains):
-            raise CheckpointMismatchError(
-                f"{save.folder} was written by a job with world size {save.world_size} and {save.num_domains} "
-                f"{save.domain_mode} domains; this job has world size {self.coordinator.world_size} and "
-                f"{self.layout.num_domains} {self.layout.mode} domains")
+        """This process's domain parts and the dense part of one full save, checked against this job. A save
+        of another world size or sharding plan is read by global row range (`cpr.recovery.reshard`)."""
+        if not same_layout(save, self.coordinator.world_size, self.layout):
+            return load_resharded(self.state, self.layout, self.store, save)
         loaded = {}
         for domain in self.layout.local:
             part = domain_part(domain)
             loaded[part] = self.store.load_part(save, part)
-            check_part_rows(loaded[part], {t: self.layout.global_rows(t, domain) for t in self.layout.held(domain)})
+            try:
+                check_part_rows(loaded[part], {t: self.layout.global_rows(t, domain) for t in self.layout.held(domain)})
+            except CheckpointMismatchError:  # the same world size with another plan
+                return load_resharded(self.state, self.layout, self.store, save)
         loaded[DENSE_PART] = self.store.load_part(save, DENSE_PART)
         return loaded
 
