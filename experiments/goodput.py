@@ -12,7 +12,7 @@ measured in the same run, over the job's wall clock (start-up once excluded, eac
     .venv/bin/python experiments/goodput.py [--quick] [--tiny] [--seeds ...] [--ranks R] [--steps S]
         [--mtbf-seconds M] [--out DIR]
 
-Full: 4 ranks, 400 steps, MTBF 15 s of training, 3 seeds (about 12 minutes on 2 cores). --quick: 1 seed. Writes
+Full: 4 ranks, 400 steps, MTBF 5 s of training, 3 seeds (about 12 minutes on 2 cores). --quick: 1 seed. Writes
 OUT/results.json, OUT/results.md and OUT/goodput.png.
 """
 from __future__ import annotations
@@ -86,6 +86,24 @@ def _executed(metrics: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if '"train_loss"' in line)
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (torchrun starts its workers in sessions of their own,
+    so killing its group leaves them running)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(table[::2], table[1::2]):
+        children.setdefault(int(parent), []).append(int(child))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_restart_all(ranks: int, steps: int, flags, deaths, folder: Path) -> dict:
     """torchrun, every worker killed at each death (the whole group: what a torchrun job does when one
     worker dies) and the job started again with --resume from its newest full save."""
@@ -105,13 +123,13 @@ def run_restart_all(ranks: int, steps: int, flags, deaths, folder: Path) -> dict
             process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             while process.poll() is None:
                 if due and _executed(metrics) >= due[0]:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    _kill_tree(process.pid)
                     process.wait(timeout=60)
                     due.pop(0)
                     killed_now = True
                     break
                 if time.perf_counter() - started > TIMEOUT_S:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    _kill_tree(process.pid)
                     raise SystemExit("the torchrun way timed out")
                 time.sleep(0.05)
         seconds = time.perf_counter() - started
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     ranks = args.ranks or (2 if args.tiny else 4)
     steps = args.steps or (60 if args.tiny else 400)
-    mtbf = args.mtbf_seconds or (0.6 if args.tiny else 15.0)
+    mtbf = args.mtbf_seconds or (0.6 if args.tiny else 5.0)
     seeds = args.seeds or ([0] if args.quick or args.tiny else [0, 1, 2])
     flags = (*(TINY_FLAGS if args.tiny else FLAGS), *_cluster_flags(ranks, mtbf))
 

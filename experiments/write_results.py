@@ -58,7 +58,7 @@ SECTIONS = (
     ("goodput", "Goodput under real failures: partial, full and the torchrun way",
      "The paper reports no goodput; torchft and FT-HSDP do, on GPU clusters. Here 4 ranks of the small model "
      "share 2 CPU cores, so a replacement process's start-up (imports, data, model) takes tens of seconds "
-     "against a step of about 50 ms, and a run lasts 400 steps: the deaths come every 15 s of training "
+     "against a step of about 50 ms, and a run lasts 400 steps: the deaths come every 5 s of training "
      "(the issue's 60-90 s would give most 20-second runs no death at all). Deaths are counted in executed "
      "steps; for the torchrun way the whole group is SIGKILLed at a death and started again with --resume."),
     ("real_failures", "Real failures: a killed rank comes back alone",
