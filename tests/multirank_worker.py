@@ -242,6 +242,46 @@ def reshard_resume(out: Path, sharding: str, failed: int) -> dict[str, Any]:
     return {"resumed": resumed, "trained": _pieces(ckpt)}
 
 
+def shrink(out: Path, sharding: str, failed: int) -> dict[str, Any]:
+    """Three ranks train to step 10 (full saves at 0, 4, 8); rank `failed` is lost for good; the other two go
+    on as a 2-rank job over a new plan: the rows each survivor kept come from memory, the lost rank's from the
+    newest saves. Each survivor reports its old and new pieces; the lost rank what the step-8 save holds."""
+    from cpr.comm import Coordinator
+    from cpr.domains import DomainLayout
+    from cpr.recovery.shrink import kept_rows, shrink_restore
+    from cpr.state import TrainingState
+    from dlrm.data.schema import SPARSE_NAMES
+    from dlrm.model import MODEL_CONFIGS, build_model, build_optimizer, wrap_dmp
+
+    model, optimizer, reader, ckpt = _job(sharding, out / "shrink", "partial")
+    _train(model, optimizer, ckpt, reader, 2 * INTERVAL)
+    saved = _pieces(ckpt)
+    _train(model, optimizer, ckpt, reader, STEPS - 2)
+    ckpt.flush()
+    rank = dist.get_rank()
+    old = _pieces(ckpt)
+    kept = kept_rows(ckpt.state)
+    ckpt.close()
+    del model, optimizer, ckpt
+    release_process_group()
+    if rank == failed:
+        return {"saved": saved, "old": old}
+    survivors = [r for r in range(3) if r != failed]
+    dist.init_process_group("gloo", init_method=f"file://{out / 'pg-shrunk'}", rank=survivors.index(rank),
+                            world_size=len(survivors), timeout=timedelta(seconds=60))
+    model = wrap_dmp(build_model(MODEL_CONFIGS["small"], [ROWS_PER_TABLE] * len(SPARSE_NAMES), SPARSE_NAMES),
+                     torch.device("cpu"), "rowwise_adagrad", 0.05, sharding=sharding)
+    state = TrainingState(model, build_optimizer(model, 0.05))
+    layout = DomainLayout.ranks(state.tables.tables, dist.get_rank(), dist.get_world_size())
+    from cpr.storage import CheckpointStore
+
+    store = CheckpointStore(out / "shrink", lock=False)
+    result = shrink_restore(state, layout, store, store.saves(), kept, Coordinator())
+    new = {"rows": {t: (state.tables.tables[t].row_offset, {k: v.clone() for k, v in tensors.items()})
+                    for t, tensors in state.row_tensors().items()}, "dense": {}}
+    return {"old": old, "new": new, "result": result}
+
+
 def main(rank: int, world_size: int, out: str, scenario: str, sharding: str, failed: int) -> None:
     os.environ["CPR_COLLECTIVE_TIMEOUT_S"] = "60"
     out_dir = Path(out)

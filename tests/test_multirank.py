@@ -136,6 +136,26 @@ def test_resume_reshards_to_another_world_size_and_plan_tensor_for_tensor(tmp_pa
         assert r["error"] and "another model" in r["error"] and "(304, 8)" in r["error"]
 
 
+def test_a_shrink_restores_exactly_the_lost_ranks_newest_rows_on_their_new_owners(tmp_path):
+    """3 ranks row-wise -> 2: survivors' rows come from their memory, the lost rank's from its newest save."""
+    ranks = spawn(tmp_path, "shrink", 3, "row_wise", failed=2)
+    lost_saved, lost_live = _whole([ranks[2]], "saved"), _whole([ranks[2]], "old")
+    survivors_live = _whole(ranks[:2], "old")
+    shrunk = _whole(ranks[:2], "new")
+    lost_first, _ = ranks[2]["old"]["rows"]["t_cat_0"]
+    for name, value in shrunk.items():
+        if name.startswith("dense/"):
+            continue
+        assert not value.isnan().any(), name  # every row has a new owner
+        assert torch.equal(value[:lost_first], survivors_live[name][:lost_first]), f"{name}: a survivor's row changed"
+        assert torch.equal(value[lost_first:], lost_saved[name][lost_first:]), f"{name}: not the lost rank's newest save"
+        if name.endswith("/weight"):  # training went on past the save: the live rows were newer, and are lost
+            assert not torch.equal(lost_saved[name][lost_first:], lost_live[name][lost_first:]), name
+    results = [r["result"] for r in ranks[:2]]
+    assert sum(r.stored_rows for r in results) == 26 * (multirank_worker.ROWS_PER_TABLE - lost_first)
+    assert all(r.oldest_step == 2 * multirank_worker.INTERVAL for r in results if r.stored_rows)
+
+
 def test_a_rank_without_tables_is_a_domain_too(tmp_path):
     """Two tables on three ranks (table-wise): one rank holds nothing, saves and recoveries still work."""
     ranks = spawn(tmp_path, "two_tables", 3, failed=1)
