@@ -60,7 +60,8 @@ class CPRCheckpointer:
         keep_last: full saves kept on disk (when `directory` is not a store).
         policy_options: extra settings for the prioritized policies (see `cpr.policies.make_policy`).
         resume: continue a run that died (a real crash, not an emulated failure): everything, including
-            `global_step` and the reader, starts from the newest loadable full save in `directory`, if any.
+            `global_step` and the reader, starts from the newest loadable full save in `directory` (none: an error).
+        start_fresh: start at step 0 where the run does not resume (or finds nothing to), setting aside the saves found.
         coordinator: the ranks' collectives (default: from the initialised process group, if any).
         async_save: write saves in a background thread while training goes on; False writes them inside
             `step()`. A DMP model's full saves are snapshotted copy-on-write (the lookup hook keeps a row's values
@@ -95,6 +96,7 @@ class CPRCheckpointer:
         keep_last: int = 3,
         policy_options: Mapping[str, Any] | None = None,
         resume: bool = False,
+        start_fresh: bool = False,
         coordinator: Coordinator | None = None,
         async_save: bool = True,
         overwrite: bool = False,
@@ -144,7 +146,7 @@ class CPRCheckpointer:
                                           self.policy, self.ledger), self.saves, self.policy)
         self.clock.attach(self.policy, context, self.ledger, self.saves.persisting, self.coordinator)
         try:
-            start_run(self.recovery, self.saves, resume, overwrite, joining)
+            start_run(self.recovery, self.saves, resume, overwrite, joining, start_fresh)
         except BaseException:
             # A constructor that fails (a rank died during the initial save, an earlier run's saves) must not
             # keep the folder's lock: the next checkpointer of this process, or another run, needs it.

@@ -27,6 +27,10 @@ class EarlierRunError(CPRError, ValueError):
     """A new run was pointed at a checkpoint folder holding an earlier run's saves."""
 
 
+class NothingToResumeError(CPRError, ValueError):
+    """A resume found no loadable full save in the checkpoint folder (and was not told to start fresh)."""
+
+
 class CheckpointMismatchError(CPRError, ValueError):
     """A checkpoint written by a job of another shape (world size, sharding plan, tables)."""
 
@@ -50,6 +54,21 @@ class UnwritableDirectoryError(CPRError, OSError):
 
 class OutputError(CPRError, OSError):
     """The run's output folder (`--out`) could not be written (it was deleted or made read-only meanwhile)."""
+
+
+class UnsafePathError(CPRError, OSError):
+    """A file CPR writes is not a regular file (a symbolic link, a FIFO, a folder): it is not written."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = Path(path), what
+        super().__init__(f"{self.path} is {what}: CPR writes only regular files, never through a link; remove it")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.what)
+
+
+class LostLockError(CPRError, OSError):
+    """This run no longer holds its checkpoint directory's lock (the folder was deleted or re-created)."""
 
 
 class DirectoryLockedError(CPRError, RuntimeError):
@@ -78,4 +97,8 @@ class UnsupportedShardingError(CPRError, ValueError):
 
 
 class SkippedSaveWarning(UserWarning):
-    """A save was passed over because it is corrupt; an older one is used instead."""
+    """A save was passed over because it is corrupt (an older one is used instead), or set aside."""
+
+
+class ReadRetryWarning(UserWarning):
+    """A read of a save failed with an I/O error and is tried once more."""

@@ -123,7 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="partial-recovery policies: write each periodic full save as the rows changed since their last "
                           "save (a real full save when a restore would read more than about 2x a full save)")
     cpr.add_argument("--resume", action="store_true",
-                     help="after a crash: continue from the newest loadable full save in the checkpoint folder")
+                     help="after a crash: continue from the newest loadable full save in the checkpoint folder "
+                          "(none there: exit 2, saying what the folder holds)")
+    cpr.add_argument("--start-fresh", action="store_true",
+                     help="start at step 0 when not resuming, or when --resume finds no loadable save: the saves the "
+                          "folder holds are set aside (renamed aside-save-...), never deleted")
     supervisor_options(p)
     kills = p.add_argument_group("real failures (with --nproc)")
     kills.add_argument("--kill-at", action="append", default=[], metavar="STEP:RANK",

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store:
             keep_last=args.keep_last,
             policy_options=policy_options(args),
             resume=args.resume,
+            start_fresh=args.start_fresh,
             async_save=not args.sync_save,
             overwrite=args.overwrite,
             quantize=args.quantize,

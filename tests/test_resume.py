@@ -47,11 +47,6 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert json.loads((out / "summary.json").read_text())["auc"] == resumed["auc"]
 
 
-def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
-    summary = run(parse_args([*SMALL, "--policy", "full", "--failures", "0", "--steps", "5", "--out", str(tmp_path / "r"), "--resume"]))
-    assert summary["steps_executed"] == 5
-
-
 MFU = [*SMALL, "--policy", "mfu", "--failures", "0", "--steps", "300", "--interval-steps", "100"]
 
 

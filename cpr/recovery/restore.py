@@ -132,7 +132,8 @@ class Restorer:
                 self.tracker.mark_saved(table)  # the model is its saved self again: nothing is pending
             self.coordinator.all_gather(None, site="rollback.read_barrier")  # every rank has read the save before any newer one goes
             if self.coordinator.is_coordinator:
-                self.store.discard_after(save.step)  # saves past the rollback point describe a future that is gone
+                self.store.mark_loadable(save.step, save.kind)  # every rank read it whole
+                self.store.set_aside_after(save.step)  # a future that is gone, or skipped: kept, not deleted
             return Rollback(save.step, sum(part.bytes_read for part in loaded.values()))
         if skipped:
             raise CorruptCheckpointError(self.store.directory, ", ".join(skipped), "no loadable full save remains")

@@ -12,10 +12,12 @@ one run per remote folder is the user's to ensure (stale temporary folders of de
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import io
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +25,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cpr.errors import UnwritableDirectoryError
+from cpr.errors import UnsafePathError, UnwritableDirectoryError
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,35 @@ def folder(location: str | os.PathLike | RemoteFolder) -> Folder:
     return RemoteFolder(fs, path)
 
 
-def create(path: Folder) -> IO[bytes]:
-    """A new file at `path`, open for writing bytes."""
-    return path.fs.open(path.path, "wb") if isinstance(path, RemoteFolder) else open(path, "wb")
+def create(path: Folder, append: bool = False) -> IO[bytes]:
+    """A file at `path` open for writing bytes, emptied first unless `append`; a local one is opened without
+    following a symbolic link and only if it is a regular file (see `open_regular`)."""
+    if isinstance(path, RemoteFolder):
+        return path.fs.open(path.path, "ab" if append else "wb")
+    fd = open_regular(path, os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC))
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+_NOT_REGULAR = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory", errno.ENXIO: "a FIFO or a device"}
+
+
+def open_regular(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of the regular file `path` (created if missing), opened with `flags` and never through a
+    symbolic link (O_NOFOLLOW: a planted link, dangling or not, must not make CPR write the file it names),
+    close-on-exec; a FIFO does not block the open (O_NONBLOCK, cleared after). Anything but a regular file
+    is an UnsafePathError saying what it is."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno in _NOT_REGULAR:
+            raise UnsafePathError(path, _NOT_REGULAR[e.errno]) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UnsafePathError(path, "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def make_durable(file: IO[bytes]) -> None:
@@ -125,7 +153,7 @@ def sync_folder(path: Folder) -> None:
     """Make a folder's entries (files created or renamed in it) durable; nothing to do remotely."""
     if isinstance(path, RemoteFolder):
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

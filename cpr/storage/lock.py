@@ -17,13 +17,16 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cpr.errors import DirectoryLockedError
+from cpr.errors import DirectoryLockedError, UnsafePathError, UnwritableDirectoryError
+
+from .location import open_regular
 
 LOCK_FILE = ".lock"
 _TAG = re.compile(r"-([0-9a-f]{16})-(\d+)-[0-9a-f]{8}$")  # <token>-<pid>-<unique> at the end of a folder name
@@ -55,7 +58,10 @@ class DirectoryLock:
     def acquire(cls, directory: str | os.PathLike) -> DirectoryLock:
         """Lock `directory` (which must exist); DirectoryLockedError naming the holder if another has it."""
         directory = Path(directory)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = open_regular(directory / LOCK_FILE, os.O_RDWR)
+        except UnsafePathError as err:
+            raise UnwritableDirectoryError(f"checkpoint directory {directory} cannot be locked: {err}") from None
         try:
             locked = _try_flock(fd, fcntl.LOCK_EX)
             if not locked and (holder := _read_holder(fd)) is not None and holder.pid == os.getpid():
@@ -78,6 +84,21 @@ class DirectoryLock:
     def token(self) -> str:
         return self.holder.token
 
+    def lost(self) -> str | None:
+        """Why this lock no longer guards `directory`, or None while it does: `.lock` there must still be the
+        file it locked (a folder deleted and re-created under a live run has another one, or none, and
+        another run may lock it)."""
+        if self._fd is None:
+            return "it was released"
+        try:
+            now = os.stat(self.directory / LOCK_FILE, follow_symlinks=False)
+        except OSError as err:
+            return f"{self.directory / LOCK_FILE} is gone ({err.strerror}): the folder was deleted or re-created"
+        held = os.fstat(self._fd)
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return f"{self.directory / LOCK_FILE} is another file now: the folder was re-created, maybe by another run"
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor of the open file drops the flock
@@ -93,10 +114,14 @@ def live_holder(directory: str | os.PathLike) -> LockHolder | None:
     Raises DirectoryLockedError when it is held but the holder cannot be read (it is writing its record).
     """
     try:
-        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as err:  # a link, a folder: no holder can be told
+        raise DirectoryLockedError(Path(directory), f"holder unknown: {LOCK_FILE} is unreadable ({err.strerror})") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DirectoryLockedError(Path(directory), f"holder unknown: {LOCK_FILE} is not a regular file")
         if _try_flock(fd, fcntl.LOCK_SH):
             return None  # nobody holds it (our shared lock goes with the descriptor)
         holder = _read_holder(fd)

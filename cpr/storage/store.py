@@ -24,6 +24,7 @@ temporary folders of this job or of a dead one are removed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import numbers
 import os
@@ -38,12 +39,11 @@ from typing import Any
 
 import torch
 
-from cpr.errors import CorruptCheckpointError, SkippedSaveWarning, UnwritableDirectoryError
+from cpr.errors import CorruptCheckpointError, LostLockError, ReadRetryWarning, SkippedSaveWarning, UnwritableDirectoryError
 
-from . import location, tensor_io
+from . import location, retention, tensor_io
 from .checks import _check_layout, _check_rows
 from .commit import (  # noqa: F401  (COMMIT_VERSION, DENSE_PART, domain_part: re-exported, as before)
-    _SAVE_NAME,
     COMMIT_FILE,
     COMMIT_VERSION,
     DENSE_PART,
@@ -57,6 +57,7 @@ from .dcp_format import CHUNKS, Chunk, write_metadata
 from .location import Folder
 from .lock import DirectoryLock, abandoned, job_token, writer_tag
 from .manifest import MANIFEST_FILE, SAVE_KINDS, Manifest, TableMeta, TensorEntry, file_size
+from .retention import FolderListing, SaveFolder
 from .sealing import read_text
 
 _TMP_PREFIX = ".tmp-"
@@ -113,8 +114,9 @@ class CheckpointStore:
 
     Every process of a job opens the store on the same directory; only the coordinator (rank 0) commits,
     removes stale temporary folders and applies retention. Retention after every commit: the newest
-    `keep_last` full saves, and every subset save newer than the oldest of them (subsets are deltas on top
-    of a full save). Keep `keep_last >= 2` to be able to fall back past a corrupt newest full save.
+    `keep_last` full saves verified loadable, and everything newer than the oldest of them (subsets are deltas
+    on top of a full save; see retention.py: a folder never read is not counted, and nothing but retention
+    deletes a save). Keep `keep_last >= 2` to be able to fall back past a corrupt newest full save.
 
     With `lock` (the coordinator's store; the default) the store holds the directory's lock until `close()`
     or the process ends, and a second locking store raises DirectoryLockedError naming the holder.
@@ -129,6 +131,7 @@ class CheckpointStore:
         # A retired save is renamed out of the way at once and its files removed by this thread: freeing a
         # full save's blocks takes a sixth of the time of writing one, and nothing needs to wait for it.
         self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpr-remove")
+        self._verified: set[tuple[int, str]] = set()  # (step, kind) of the saves known loadable (retention.py)
         probe = self.directory / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -225,14 +228,16 @@ class CheckpointStore:
                         extra=extra, created=time.time())
         final = self.directory / save_folder_name(step, kind)
         try:
+            self._check_lock(step, kind)
             if kind == "full":  # DCP's metadata, from every rank's parts, before the commit record
                 write_metadata(staging, {name: part.manifest for name, part in parts.items()}, str(final))
             with location.create(staging / COMMIT_FILE) as f:
                 f.write(info.to_json().encode())
                 location.make_durable(f)
             location.sync_folder(staging)  # every part's folder entry and the commit record's, in one fsync
-            if final.exists():
-                self._delete(final)
+            self._check_lock(step, kind)  # again at the point of no return
+            if final.exists():  # replaced: set aside, never deleted but by retention
+                self.set_aside(SaveFolder(final, step, kind))
             location.rename(staging, final)
             location.sync_folder(self.directory)
         except BaseException as e:
@@ -240,8 +245,16 @@ class CheckpointStore:
             e.add_note(f"committing the step-{step} {kind} save to {final} failed; its staging folder was "
                        f"removed and earlier saves in {self.directory} are untouched")
             raise
+        self.mark_loadable(step, kind)
         self._apply_retention()
         return SaveRecord(final, step, kind, info.nbytes, time.perf_counter() - started)
+
+    def _check_lock(self, step: int, kind: str) -> None:
+        """LostLockError (an OSError: the save is abandoned) when this store's lock no longer guards the folder."""
+        reason = self._lock.lost() if self._lock is not None else None
+        if reason:
+            raise LostLockError(f"this run lost the lock of {self.directory} ({reason}); the step-{step} {kind} save "
+                                "is abandoned: a run without its folder's lock commits nothing")
 
     def abandon(self, staging: Folder) -> None:
         """Remove a staging folder that will not be committed."""
@@ -259,11 +272,32 @@ class CheckpointStore:
             raise
 
     def discard_after(self, step: int) -> list[Folder]:
-        """Delete every save newer than `step` (e.g. after rolling back to it); returns what was deleted."""
-        doomed = [path for path, save_step, _ in self._folders() if save_step > step]
+        """Delete every save newer than `step`, set-aside ones too; only on the user's request (a new run told
+        to start over, `overwrite`). Returns what was deleted."""
+        doomed = [f.path for f in retention.list_folders(self.directory) if f.step > step]
         for path in doomed:
             self._delete(path)
         return doomed
+
+    def set_aside_after(self, step: int) -> list[Folder]:
+        """Set aside every save newer than `step` (after going back to it: they describe a future that is gone,
+        and a fallback may have skipped them as unreadable); returns their new names."""
+        return [self.set_aside(f) for f in self._folders() if f.step > step]
+
+    def set_aside(self, folder: SaveFolder) -> Folder:
+        """Take a save out of the folder's list without deleting it (see retention.py); its new path."""
+        target = self.directory / retention.aside_name(folder)
+        location.rename(folder.path, target)
+        location.sync_folder(self.directory)
+        self._verified.discard(folder.key)
+        warnings.warn(f"set aside {folder.path.name} as {target.name}: retention removes it once superseded",
+                      SkippedSaveWarning, stacklevel=2)
+        return target
+
+    def mark_loadable(self, step: int, kind: str) -> None:
+        """The save of `step` and `kind` was verified loadable (committed here, or read back whole by every
+        rank): retention counts it."""
+        self._verified.add((step, kind))
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -272,27 +306,47 @@ class CheckpointStore:
 
         A folder whose commit record is unreadable is skipped with a SkippedSaveWarning.
         """
-        found = []
-        for path, step, folder_kind in self._folders():
-            if kind is not None and folder_kind != kind:
-                continue
+        return [info for info in self.listing().saves if kind is None or info.kind == kind]
+
+    def listing(self) -> FolderListing:
+        """The committed saves and the save folders that cannot be read (each warned of with a
+        SkippedSaveWarning)."""
+        found, unreadable = [], {}
+        for folder in self._folders():
             try:
-                info = SaveInfo.read(path)
-                if (info.step, info.kind) != (step, folder_kind):
-                    raise CorruptCheckpointError(path, COMMIT_FILE, f"says step {info.step} ({info.kind}), "
-                                                 f"folder name says step {step} ({folder_kind})")
+                info = SaveInfo.read(folder.path)
+                if (info.step, info.kind) != folder.key:
+                    raise CorruptCheckpointError(folder.path, COMMIT_FILE, f"says step {info.step} ({info.kind}), "
+                                                 f"folder name says step {folder.step} ({folder.kind})")
             except CorruptCheckpointError as e:
-                warnings.warn(f"skipping save: {e}", SkippedSaveWarning, stacklevel=2)
+                warnings.warn(f"skipping save: {e}", SkippedSaveWarning, stacklevel=3)
+                unreadable[folder.path.name] = f"{e.file}: {e.reason}"
                 continue
             found.append(info)
-        return found
+        return FolderListing(found, unreadable)
 
     def load_part(self, save: SaveInfo, part: str, names: Iterable[str] | None = None) -> LoadedPart:
         """Tensors of one part of a committed save (all, or `names`), each verified against its size and crc32,
         and the part's manifest against the commit record.
 
-        Raises CorruptCheckpointError naming the folder and file, or KeyError for a part or name it lacks.
+        A read that fails with an I/O error (EIO, a remote store's error) is retried once, with a
+        ReadRetryWarning. Raises CorruptCheckpointError naming the folder and file, or KeyError for a part or
+        name it lacks.
         """
+        try:
+            return self.read_part(save, part, names)
+        except (OSError, CorruptCheckpointError) as e:
+            if not _io_error(e):
+                raise
+            warnings.warn(f"reading part {part} of {save.folder} failed ({e}); retrying once", ReadRetryWarning,
+                          stacklevel=2)
+        try:
+            return self.read_part(save, part, names)
+        except OSError as e:
+            raise CorruptCheckpointError(save.folder / part, type(e).__name__, f"unreadable, twice: {e}") from e
+
+    def read_part(self, save: SaveInfo, part: str, names: Iterable[str] | None = None) -> LoadedPart:
+        """One attempt of `load_part` (a subclass may wrap it: a failure here is a failed read)."""
         if part not in save.parts:
             raise KeyError(f"save {save.folder} (step {save.step}, {save.kind}) has no part {part!r}")
         folder = save.folder / part
@@ -313,14 +367,9 @@ class CheckpointStore:
 
     # -- housekeeping ----------------------------------------------------------------------------------
 
-    def _folders(self) -> list[tuple[Folder, int, str]]:
-        """(path, step, kind) of every save folder, by step; full before subset at the same step."""
-        found = []
-        for path in self.directory.iterdir():
-            match = _SAVE_NAME.match(path.name)
-            if match and path.is_dir():
-                found.append((path, int(match[1]), match[2]))
-        return sorted(found, key=lambda f: (f[1], f[2] != "full"))
+    def _folders(self) -> list[SaveFolder]:
+        """Every save folder (not those set aside), by step; full before subset at the same step."""
+        return [f for f in retention.list_folders(self.directory) if not f.aside]
 
     def _delete(self, path: Folder) -> None:
         # Renamed first so that a crash mid-removal never leaves a partial folder under a save name.
@@ -336,12 +385,13 @@ class CheckpointStore:
             location.remove_tree(self.directory / name)
 
     def _apply_retention(self) -> None:
-        folders = self._folders()
-        fulls = [f for f in folders if f[2] == "full"]
-        kept_fulls = fulls[-self.keep_last:]
-        if not kept_fulls:
-            return  # subsets without a full save below them are kept: nothing supersedes them yet
-        oldest_kept = kept_fulls[0][1]
-        for path, step, kind in folders:
-            if (kind == "full" and (path, step, kind) not in kept_fulls) or (kind == "subset" and step <= oldest_kept):
-                self._delete(path)
+        for folder in retention.superseded(retention.list_folders(self.directory), self._verified, self.keep_last):
+            self._delete(folder.path)
+            if not folder.aside:
+                self._verified.discard(folder.key)
+
+
+def _io_error(error: BaseException) -> bool:
+    """Whether a failed read may succeed when retried: an I/O error, not a missing file or bad content."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return isinstance(cause, OSError) and cause.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)
