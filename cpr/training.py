@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, job_hooks: JobHooks | None = None, make_store:
     if args.real_failures:
         kills += [(failure.step, failure.domain) for failure in schedule]
         schedule = FailureSchedule.empty()
-    job.kills = frozenset(kills)  # none falls before step 1: the job is built and its first save committed
+    job.kills = job.kills | frozenset(kills)  # none falls before step 1: the job is built and its first save committed
     model, optimizer, ckpt = job.model, job.optimizer, job.ckpt
     coordinator = ckpt.coordinator
 

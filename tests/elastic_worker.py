@@ -7,7 +7,8 @@ offers (job hooks, and the store each checkpointer saves through):
 * a replacement writes OUT/joined-<rank>-<generation>.pt: its rows and row-wise state right after it joined;
 * CPR_TEST_KILL_IN_SAVE=STEP:RANK kills that rank while it writes its part of the step-STEP save (STEP 0:
   the initial save, before any save committed); CPR_TEST_KILL_JOINING=RANK kills that rank's first
-  replacement while it joins. Each fault happens once per job (a marker file in OUT).
+  replacement while it joins; CPR_TEST_SLOW_JOIN=SECONDS makes the first replacement (or spare) sleep that
+  long before it joins (a slow start on a loaded machine). Each fault happens once per job (a marker file in OUT).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +67,9 @@ class RecordingHooks(JobHooks):
         (OUT / f"heal-{RANK}-{job.heals}.json").write_text(json.dumps(record))
 
     def before_join(self, job: ElasticJob, has_state: bool) -> None:
+        slow = os.environ.get("CPR_TEST_SLOW_JOIN")
+        if not has_state and slow and job.membership.newest_generation() > 0 and once("slow"):
+            time.sleep(float(slow))
         victim = os.environ.get("CPR_TEST_KILL_JOINING")
         if not has_state and victim == str(RANK) and job.membership.newest_generation() > 0 and once("joining"):
             job.membership.join()  # die after joining the group, while the survivors wait for this rank

@@ -34,8 +34,10 @@ from cpr.comm import release_process_group
 from cpr.environment import setting
 from cpr.errors import CoordinationError, MembershipError, RecoveryError
 
+from .kills import kills_from_env
 from .membership import Membership
 from .records import HealTimes, record_recoveries
+from .verdict import is_collective_mismatch
 
 # How long a rank whose collective failed waits for a supervisor to report a death before it takes the
 # error for what it is (a supervisor sees a death within a fraction of a second).
@@ -49,6 +51,8 @@ def is_peer_failure(error: BaseException) -> bool:
     """Whether `error` is how a collective reports a peer that died: CPR's own collectives raise
     CoordinationError, torch's raise its distributed errors, and gloo's transport plain RuntimeErrors
     naming the connection it lost."""
+    if is_collective_mismatch(str(error)):
+        return False  # a bug on every rank, not a peer's death: healing it would train on inconsistent state
     if isinstance(error, (CoordinationError, dist.DistError)):
         return True
     message = str(error)
@@ -96,7 +100,7 @@ class ElasticJob:
         membership: this worker's place in the job (default: the one its supervisor gave it; None when no
             supervisor started the process: then nothing is healed).
         kills: injected failures, (step, rank): that rank's process SIGKILLs itself as it starts that step,
-            once per job.
+            once per job (with those of `python -m cpr.run --kill-at`).
         hooks: told of every transition (see `JobHooks`).
     """
 
@@ -104,7 +108,8 @@ class ElasticJob:
                  kills: Iterable[tuple[int, int]] = (), hooks: JobHooks | None = None) -> None:
         self._build, self._make_checkpointer = build, checkpointer
         self.membership = membership if membership is not None else Membership.from_env()
-        self.kills = frozenset(kills)
+        self.kills = frozenset(kills) | frozenset(kills_from_env())  # the script's own and `cpr.run --kill-at`
+        self._stepped = False
         self.hooks = hooks or JobHooks()
         self.heals = 0  # how many times this process re-formed its group after a death
         self.replacement = False  # whether this process replaced a dead one (it joined a running job)
@@ -163,6 +168,9 @@ class ElasticJob:
             outcome.healed, outcome.recoveries = True, self.ckpt.ledger.recoveries[recorded:]
             return
         self.membership.publish_progress(self.ckpt.ledger.total_updates, self.ckpt.unsaved_updates())
+        if not self._stepped:
+            self._stepped = True
+            self.membership.mark_stepped()
 
     # -- the state machine -------------------------------------------------------------------------------
     def _inject_kill(self, step: int) -> None:

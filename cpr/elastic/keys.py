@@ -13,6 +13,14 @@ keys. Both sides spell the keys through this module only. All values are small s
     finished/<rank>     the rank's work is done: its process ending now, however, is not a failure
     done/<node>         that node's supervisor saw all its workers finish (node 0 keeps the store up until all have)
     stop                why a supervisor stopped the job (workers waiting for a generation give up)
+    started/<node>      how many times that node's supervisor started (more than once: the node came back)
+    elastic             some worker uses generations (`ElasticJob`): a death replaces that rank alone;
+                        without it a death restarts every worker (torchrun's semantics)
+    round, master/<r>   restart-all rounds (torchrun's restarts), and the MASTER_PORT of round r
+    stepped/<rank>      the incarnation (process) of that rank that finished a step
+    starting/<rank>     beats while the rank's replacement is alive and starting (heartbeat.py)
+    startup/<rank>      seconds the rank's first process took from its start to its first rendezvous
+    spare/<node>/<id>   a hot spare is imported and waiting; assign/<node>/<id>: the rank it takes (spares.py)
 """
 from __future__ import annotations
 
@@ -33,6 +41,15 @@ PROGRESS = "progress/{rank}"
 KILL = "kill/{step}:{rank}"
 FINISHED = "finished/{rank}"
 DONE = "done/{node}"
+STARTED = "started/{node}"
+ELASTIC = "elastic"
+ROUND = "round"
+MASTER = "master/{round}"
+STEPPED = "stepped/{rank}"
+STARTING = "starting/{rank}"
+STARTUP = "startup/{rank}"
+SPARE = "spare/{node}/{id}"
+ASSIGN = "assign/{node}/{id}"
 
 
 @dataclass(frozen=True)

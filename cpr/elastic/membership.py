@@ -18,16 +18,13 @@ from cpr.environment import setting
 from cpr.errors import MembershipError
 
 from . import keys
-from .keys import STORE_ENV, Death, parse_endpoint
+from .heartbeat import ReplacementWait
+from .keys import STORE_ENV, Death
+from .stores import connect
+from .workers import INCARNATION_ENV
 
 REJOIN_TIMEOUT_S = setting("CPR_REJOIN_TIMEOUT_S")
 _POLL_S = 0.02
-
-
-def connect(endpoint: str, timeout_s: float = REJOIN_TIMEOUT_S) -> dist.TCPStore:
-    """A client of the supervisor's store."""
-    host, port = parse_endpoint(endpoint)
-    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
 
 
 class Membership:
@@ -71,17 +68,18 @@ class Membership:
         """Form the default process group with every rank of the newest generation and return it. A death
         while waiting moves the rendezvous on to the next generation; MembershipError after
         `rejoin_timeout_s` or when the job is stopped."""
-        deadline = time.monotonic() + self.rejoin_timeout_s
+        wait = ReplacementWait(self.store, self.rejoin_timeout_s)  # waits on while a replacement is starting
+        self.store.set(keys.ELASTIC, "1")  # the supervisor replaces a dead rank alone
         while True:
             generation = self.newest_generation()
             here = {rank: keys.HERE.format(generation=generation, rank=rank) for rank in range(self.world_size)}
             self.store.set(here[self.rank], "1")
             while not self.store.check(list(here.values())) and self.newest_generation() == generation:
                 self._check_stopped()
-                if time.monotonic() > deadline:
-                    missing = [rank for rank, key in here.items() if not self.store.check([key])]
-                    raise MembershipError(f"rank {self.rank}: ranks {missing} did not join generation {generation} "
-                                          f"within {self.rejoin_timeout_s:.0f} s")
+                missing = [rank for rank, key in here.items() if not self.store.check([key])]
+                reason = wait.give_up(self.rank, missing, generation) if missing else None
+                if reason:
+                    raise MembershipError(reason)
                 time.sleep(_POLL_S)
             if self.newest_generation() != generation:
                 continue  # another death meanwhile: its replacement joins the next generation
@@ -128,6 +126,10 @@ class Membership:
     def mark_finished(self) -> None:
         """This rank's work is done (see `Supervisor`: a later death is not replaced)."""
         self.store.set(keys.FINISHED.format(rank=self.rank), "1")
+
+    def mark_stepped(self) -> None:
+        """This process finished a training step: its later death is not a start-up crash (verdict.py)."""
+        self.store.set(keys.STEPPED.format(rank=self.rank), os.environ.get(INCARNATION_ENV, ""))
 
     def claim_kill(self, step: int) -> bool:
         """True once per (step, rank): whether the injected kill of this rank at `step` is still to happen
