@@ -7,7 +7,6 @@ supervisor, so a multi-node job survives losing any one node, node 0 included.
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import torch.distributed as dist
