@@ -6,8 +6,6 @@
     # two nodes (or two shells on one machine): node 0 hosts the job's store at the endpoint
     python -m cpr.run --nnodes 2 --node-rank 0 --nproc 2 --rdzv-endpoint HOST:29400 my_train.py
     python -m cpr.run --nnodes 2 --node-rank 1 --nproc 2 --rdzv-endpoint HOST:29400 my_train.py
-    # no single store host: an etcd server holds the job's store
-    python -m cpr.run --nnodes 2 --node-rank 0 --nproc 2 --rdzv-backend etcd --rdzv-endpoint HOST:2379 my_train.py
 
 Takes torchrun's common options and gives workers torchrun's environment. A script that uses
 `cpr.elastic.ElasticJob` has a dead worker replaced alone (the survivors keep their state, the replacement
@@ -40,9 +38,9 @@ def supervisor_options(parser: argparse.ArgumentParser) -> None:
                        help="this node's place among --nnodes")
     group.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", metavar="HOST:PORT",
                        help="the job's store: node 0 hosts it there, the other nodes connect (default: a free port "
-                            "on this machine, single node only); etcd://HOST:PORT, or --rdzv-backend etcd: an etcd server")
+                            "on this machine, single node only)")
     group.add_argument("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", default="c10d",
-                       choices=("c10d", "static", "etcd", "etcd-v2"), help="etcd: the store is an etcd server")
+                       choices=("c10d", "static"), help="torchrun's; both mean the supervisor's TCPStore here")
     group.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=3,
                        help="replacements allowed per rank (a torchrun script: restarts of the job) before it stops")
     group.add_argument("--spares", type=int, default=0,
@@ -60,10 +58,6 @@ def _endpoint(args: argparse.Namespace) -> str | None:
     if args.standalone and args.nnodes != 1:
         raise ValueError("--standalone is a one-node job: drop --nnodes or --standalone")
     endpoint = args.rdzv_endpoint
-    if getattr(args, "rdzv_backend", "c10d").startswith("etcd"):
-        if not endpoint:
-            raise ValueError("--rdzv-backend etcd needs --rdzv-endpoint HOST:PORT (the etcd server's client URL)")
-        endpoint = endpoint if endpoint.startswith("etcd://") else f"etcd://{endpoint.removeprefix('http://')}"
     return None if args.standalone and not endpoint else endpoint
 
 

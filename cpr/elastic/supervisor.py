@@ -12,7 +12,7 @@ torchrun's semantics: a death restarts every worker of the job (`TORCHELASTIC_RE
 torchrun's environment (`workers.py`).
 
 One supervisor per node. Node 0's hosts the job's `TCPStore` (outside the workers, so a worker's death never
-takes the store with it), or all use an etcd server (`stores.py`); the others connect to it (`endpoint`,
+takes the store with it, `stores.py`); the others connect to it (`endpoint`,
 like torchrun's `--rdzv-endpoint`). A worker that exits with code 2 reported bad input or an unrecoverable
 state: that is not retried; nor is a bug (`verdict.py`). A rank that dies more than `max_restarts` times
 stops the whole job with a message.
@@ -56,7 +56,7 @@ class Supervisor:
         nproc: workers on this node; their ranks are `node_rank * nproc + i`.
         nnodes, node_rank: the job's nodes, and this one's place among them.
         endpoint: the job's store, HOST:PORT (node 0 listens there; port 0: any free port, single node only)
-            or etcd://HOST:PORT.
+            or tcp://HOST:PORT.
         max_restarts: replacements allowed per rank (restart-all jobs: restarts of the job) before it stops.
         spares: hot spares kept on this node (see `spares.py`; the script must use `ElasticJob`).
         kill_at, kill_after: injected deaths, (step, rank) and (seconds, rank) (see `kills.py`).
@@ -199,7 +199,7 @@ class Supervisor:
             time.sleep(_POLL_S)
         self.store.set(keys.DONE.format(node=self.node_rank), "1")
         self._warn_unused_kills()
-        if self.node_rank == 0 and not self.endpoint.startswith("etcd://"):
+        if self.node_rank == 0:
             # The store lives here: keep it up until every node's workers are done.
             deadline = time.monotonic() + _DONE_WAIT_S
             while not self.store.check([keys.DONE.format(node=n) for n in range(self.nnodes)]) and time.monotonic() < deadline:
