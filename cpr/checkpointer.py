@@ -205,11 +205,11 @@ class CPRCheckpointer:
         self.saves.preserve_lookups(kjt)
 
     def step(self) -> SaveDecision | None:
-        """Count one finished training step; commit a save whose background write has finished, and start
-        the save the policy asks for now. Returns that decision (as written), or None. A save that fails is
-        reported and abandoned when it would commit, never raised: the next one retries."""
+        """Count one finished training step, commit a save whose write has finished, start the one the policy asks
+        for now and return its decision (or None). A failed save is reported and abandoned, never raised."""
         self.clock.step_started()
         self.state.step += 1
+        self.ledger.record_step()  # counted here, before a save's collective can find a peer dead
         self.saves.poll()
         decision = self.policy.decide(self.global_step)
         if self.global_step == self.total_steps:
@@ -250,9 +250,8 @@ class CPRCheckpointer:
         self.coordinator.reform()
 
     def rejoin(self, has_state: bool, replaced_progress: Mapping[int, tuple[int, int]]) -> RejoinResult:
-        """Bring every rank of a re-formed group to one state (see `cpr.recovery.rejoin`). Collective:
-        survivors call it after `reattach` with `has_state`, replacements (created with `joining=True`)
-        without."""
+        """Bring every rank of a re-formed group to one state (see `cpr.recovery.rejoin`). Collective: survivors
+        call it after `reattach` with `has_state`, replacements (created with `joining=True`) without."""
         return rejoin(self.recovery, self.saves, has_state, replaced_progress)
 
     def close(self, flush: bool = True) -> None:
@@ -265,10 +264,8 @@ class CPRCheckpointer:
 
     # -- Stateful ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a restart needs: rows, row-wise and dense optimizer state, RNG, step, reader, tracker.
-
-        Follows the `Stateful` protocol of `torch.distributed.checkpoint` (`dcp.save({"cpr": ckpt})`).
-        """
+        """Everything a restart needs: rows, row-wise and dense optimizer state, RNG, step, reader, tracker
+        (the `Stateful` protocol of `torch.distributed.checkpoint`: `dcp.save({"cpr": ckpt})`)."""
         return {"tensors": self.state.full_tensors(), "step": self.global_step,
                 "reader": self.state.reader_state() or {}, "tracker": self.tracker.state_dict()}
 

@@ -195,7 +195,6 @@ def train(
         wall.add_step(trained - fetch_start, persisting, reexecuted=ckpt.global_step <= furthest)
         furthest = max(furthest, ckpt.global_step)
         samples += batch.labels.numel()
-        ckpt.ledger.record_step()
         loss_sum += float(loss.detach())
         loss_count += 1
         step = ckpt.global_step

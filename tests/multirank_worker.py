@@ -285,7 +285,10 @@ def shrink(out: Path, sharding: str, failed: int) -> dict[str, Any]:
 def main(rank: int, world_size: int, out: str, scenario: str, sharding: str, failed: int) -> None:
     os.environ["CPR_COLLECTIVE_TIMEOUT_S"] = "60"
     out_dir = Path(out)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir / f'pg-{scenario}'}", rank=rank, world_size=world_size,
+    # One rendezvous file per spawn: a second spawn of a scenario (another world size) must not read the
+    # first one's stale addresses, which gloo then fails to connect to.
+    rendezvous = out_dir / f"pg-{scenario}-{world_size}-{sharding}"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
         result = globals()[scenario](out_dir, sharding, failed)
