@@ -41,9 +41,17 @@ class MetricsLog:
         self._file: TextIO | None = open(path, "a" if append else "w") if writes else None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        try:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        except OSError as err:  # a full or vanished --out stops the log, not the training
+            print(f"warning: metrics.jsonl cannot be written ({err.strerror or err}); no more metrics are logged",
+                  file=sys.stderr)
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
 
     def close(self) -> None:
         if self._file is not None:

@@ -165,13 +165,13 @@ def two_tables(out: Path, sharding: str, failed: int) -> dict[str, Any]:
 
 
 def failed_save(out: Path, sharding: str, failed: int) -> dict[str, Any]:
-    """Rank `failed` cannot write its part of the step-4 save (disk full): the save is abandoned on every rank
-    and training goes on; the step-8 save commits."""
-    import errno
+    """Rank `failed` cannot write its part of the step-4 save (disk full, as torch.save's zip writer reports it):
+    the save is abandoned on every rank and training goes on; the step-8 save commits."""
+    from tests.test_disk_full import torch_zip_writer_error
 
     def disk_full_at_step_4(staging, part, step, kind):
         if step == INTERVAL:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise torch_zip_writer_error()
 
     model, optimizer, reader, ckpt = _job(sharding, out / "ckpt", "partial",
                                           before_write=disk_full_at_step_4 if dist.get_rank() == failed else None)

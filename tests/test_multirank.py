@@ -170,7 +170,8 @@ def test_a_part_that_cannot_be_written_abandons_the_save_on_every_rank(tmp_path)
     for r in spawn(tmp_path, "failed_save", 2, failed=1):
         assert r["step"] == multirank_worker.STEPS  # training went on
         assert [(f["step"], f["kind"]) for f in r["failed_saves"]] == [(4, "full")]
-        assert "No space left" in r["failed_saves"][0]["error"] and "rank 1" in r["failed_saves"][0]["error"]
+        error = r["failed_saves"][0]["error"]
+        assert "enforce fail" in error and "No space left" in error and "rank 1" in error, error
         assert (4, "full") not in r["saves"] and (8, "full") in r["saves"]  # nothing half-committed; retried
         assert r["left"] == []  # the abandoned staging folder is gone
 

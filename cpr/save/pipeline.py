@@ -39,6 +39,20 @@ from .pending import PendingSave, RankWrite, WriteResult
 QUEUED_SUBSET_SAVES = 4
 
 
+def write_failure(error: Exception) -> str:
+    """How a write failed, for the warning and the ledger: the error and the OS error under it, if any.
+    torch's zip writer turns a failed write (ENOSPC, EIO) into `RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos`, keeping the OSError only as its context."""
+    text, seen = f"{type(error).__name__}: {error}", {id(error)}
+    under = error.__cause__ or error.__context__
+    while under is not None and id(under) not in seen and not isinstance(under, OSError):
+        seen.add(id(under))
+        under = under.__cause__ or under.__context__
+    if isinstance(under, OSError) and under is not error:
+        text += f" (from {type(under).__name__}: {under})"
+    return text
+
+
 class SavePipeline:
     """This process's saves from decision to commit (collective: every rank runs the same calls).
 
@@ -174,8 +188,9 @@ class SavePipeline:
             for name, content in parts:
                 written[name] = self.store.write_part(staging, name, decision.step, decision.kind,
                                                       self.policy.name, content)
-        except OSError as err:  # disk full, permission lost, quota: abandon this save, keep training
-            error = f"rank {self.coordinator.rank}: {type(err).__name__}: {err}"
+        except Exception as err:  # disk full, quota, EIO, read-only, folder gone, whatever the serializer makes
+            # of them: abandon this save on every rank (the gather tells them), keep training
+            error = f"rank {self.coordinator.rank}: {write_failure(err)}"
         finally:
             pending.snapshot.release()
         return WriteResult(written, error, staging, time.perf_counter() - started)
@@ -250,8 +265,10 @@ class SavePipeline:
                 world_size=self.coordinator.world_size, domain_mode=self.layout.mode,
                 num_domains=self.layout.num_domains, extra={**pending.extra, "data_bytes": pending.data_bytes},
             )
-        except OSError as err:
-            return f"commit: {type(err).__name__}: {err}"
+        except Exception as err:  # as in `_persist`: the commit's writes fail the same ways
+            if staging is not None:
+                self.store.abandon(staging)  # (the store's commit removes it too; a failure before it may not)
+            return f"commit: {write_failure(err)}"
         return None
 
     def _settle(self, pending: PendingSave) -> None:

@@ -246,7 +246,10 @@ class CheckpointStore:
                        f"removed and earlier saves in {self.directory} are untouched")
             raise
         self.mark_loadable(step, kind)
-        self._apply_retention()
+        try:
+            self._apply_retention()
+        except Exception as e:  # the save is committed: a full or read-only disk only keeps older saves longer
+            warnings.warn(f"retention after the step-{step} {kind} save failed: {e!r}", stacklevel=2)
         return SaveRecord(final, step, kind, info.nbytes, time.perf_counter() - started)
 
     def _check_lock(self, step: int, kind: str) -> None:
