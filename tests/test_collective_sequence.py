@@ -80,20 +80,29 @@ def cli(tmp_path: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable
     assert result.returncode == 0, result.stderr[-5000:]
 
 
+def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str, trace: Path | None = None) -> None:
+    """`python -m cpr.train` of one process, run in this one (its collectives are the same; the 5 s of
+    importing TorchRec in a new process are not)."""
+    from cpr.train import main
+
+    monkeypatch.setenv("CPR_TRACE_COLLECTIVES", str(trace or tmp_path / "trace"))
+    assert main([*SMALL, "--out", str(tmp_path / "out"), *flags]) == 0
+
+
 @pytest.mark.parametrize("name, flags", [
     ("sync-partial", ("--policy", "partial", "--steps", "30", "--failures", "2", "--sync-save", "--interval-steps", "4")),
     ("sync-full", ("--policy", "full", "--steps", "30", "--failures", "2", "--sync-save", "--interval-steps", "4")),
     ("sync-mfu-differential", ("--policy", "mfu", "--steps", "40", "--failures", "2", "--sync-save", "--differential")),
 ])
-def test_one_process_runs(tmp_path, name, flags):
-    cli(tmp_path, *flags)
+def test_one_process_runs(tmp_path, monkeypatch, name, flags):
+    in_process(tmp_path, monkeypatch, *flags)
     check(name, traces(tmp_path / "trace"))
 
 
-def test_resume(tmp_path):
+def test_resume(tmp_path, monkeypatch):
     flags = ("--policy", "partial", "--sync-save", "--interval-steps", "4")
-    cli(tmp_path, *flags, "--steps", "10", trace=tmp_path / "first")
-    cli(tmp_path, *flags, "--steps", "20", "--resume", "--failures", "1", trace=tmp_path / "resumed")
+    in_process(tmp_path, monkeypatch, *flags, "--steps", "10", trace=tmp_path / "first")
+    in_process(tmp_path, monkeypatch, *flags, "--steps", "20", "--resume", "--failures", "1", trace=tmp_path / "resumed")
     check("resume", {"first": traces(tmp_path / "first")["rank0"], "resumed": traces(tmp_path / "resumed")["rank0"]})
 
 

@@ -15,7 +15,7 @@ from cpr.options import parse_args
 from cpr.train import run
 from tests.test_train import REPO, SMALL
 
-RUN = [*SMALL, "--policy", "full", "--failures", "0", "--steps", "1000", "--interval-steps", "50"]
+RUN = [*SMALL, "--policy", "full", "--failures", "0", "--steps", "300", "--interval-steps", "50"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
